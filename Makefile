@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(STAMP)
+
+# torch and torchvision come from the registry together (their CUDA build also runs on CPU).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch torchvision
+	$(BIN)/pip install -e '.[test]'
+	touch $(STAMP)
+
+# The main job, offline: iDLG on the DLG sigmoid LeNet against a bundled real photograph.
+demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/lightning-gi fit --config configs/idlg_lenet.yaml
+
+# The fast suite (CI runs exactly this target through .ci/run).
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+# Slow quality checks (minutes to tens of minutes on CPU).
+test-slow: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow
+
+# Speed and quality benchmarks; JSON lands in benchmarks/results/.
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/label_recovery.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/dlg_vs_idlg.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/loop_overhead.py
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

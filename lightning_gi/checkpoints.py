@@ -1,0 +1,89 @@
+"""Where pretrained files live and how the code finds them (see checkpoints/README.md).
+
+Nothing is ever downloaded: a missing file is an error that names the file and where to put it.
+Search order for a bare file name: the directory in ``$LIGHTNING_GI_CHECKPOINTS``, ``./checkpoints``,
+the ``checkpoints/`` directory of this source tree, then torch hub's cache (``$TORCH_HOME/hub/checkpoints``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+CHECKPOINTS_README = "checkpoints/README.md"
+
+
+class MissingCheckpointError(FileNotFoundError):
+    """A pretrained file the run needs is not on disk."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A pretrained file exists but cannot be read or does not fit the model."""
+
+
+def checkpoint_dirs() -> list[Path]:
+    dirs: list[Path] = []
+    env = os.environ.get("LIGHTNING_GI_CHECKPOINTS")
+    if env:
+        dirs.append(Path(env))
+    dirs.append(Path.cwd() / "checkpoints")
+    dirs.append(Path(__file__).resolve().parent.parent / "checkpoints")
+    dirs.append(Path(torch.hub.get_dir()) / "checkpoints")
+    seen, unique = set(), []
+    for d in dirs:
+        key = str(d.resolve()) if d.exists() else str(d)
+        if key not in seen:
+            seen.add(key)
+            unique.append(d)
+    return unique
+
+
+def find_checkpoint(name_or_path: str | os.PathLike) -> Optional[Path]:
+    """Return the existing path for an explicit path or a bare file name, else None."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    if p.is_absolute() or len(p.parts) > 1:
+        return None
+    for d in checkpoint_dirs():
+        cand = d / p.name
+        if cand.is_file():
+            return cand
+    return None
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, what: str = "pretrained weights") -> Path:
+    """Like :func:`find_checkpoint` but raise :class:`MissingCheckpointError` with instructions."""
+    found = find_checkpoint(name_or_path)
+    if found is not None:
+        return found
+    searched = ", ".join(str(d) for d in checkpoint_dirs())
+    raise MissingCheckpointError(
+        f"{what}: file '{name_or_path}' not found (searched: {searched}). Nothing is downloaded by "
+        f"lightning_gi; put the file in ./checkpoints/ or set LIGHTNING_GI_CHECKPOINTS. "
+        f"See {CHECKPOINTS_README} for which file goes where."
+    )
+
+
+def load_state_dict_file(path: str | os.PathLike, what: str = "state_dict") -> dict[str, torch.Tensor]:
+    """Load a state dict (.pt/.pth via weights_only=True, or .safetensors) without executing code."""
+    path = resolve_checkpoint(path, what)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CorruptCheckpointError(
+            f"{what}: cannot read '{path}' ({type(err).__name__}: {err}); the file is corrupt, truncated "
+            f"or not a plain state dict. See {CHECKPOINTS_README}."
+        ) from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CorruptCheckpointError(f"{what}: '{path}' does not hold a dict of tensors (a state_dict)")
+    return sd

@@ -1,0 +1,66 @@
+"""``lightning-gi``: the LightningCLI entry point (``lightning-gi fit --config configs/X.yaml``).
+
+``model:`` selects the attack (any :class:`GradientInversionAttack` subclass by class_path) and
+``data:`` the victim (any :class:`VictimDataModule` subclass). The CLI always attaches
+:class:`ReconstructionReport` (outputs + metrics) and :class:`ReconstructionMonitor` (TensorBoard
+grids) unless the config lists its own instances, and prints where the outputs are at the end.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Optional
+
+from pytorch_lightning.cli import LightningCLI
+
+from .attacks.base import GradientInversionAttack
+from .callbacks import ReconstructionMonitor, ReconstructionReport
+from .victim.datamodule import VictimDataModule
+
+_QUIET_WARNINGS = (
+    r".*does not have many workers.*",
+    r".*is in `eval` mode.*",
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r".*IterableDataset.*has `__len__`.*",
+    r".*Your `IterableDataset` has `__len__` defined.*",
+)
+
+
+class LightningGICLI(LightningCLI):
+    """LightningCLI with the attack/victim base classes and the mandatory output callbacks."""
+
+    def before_fit(self) -> None:
+        callbacks = self.trainer.callbacks
+        if not any(isinstance(c, ReconstructionReport) for c in callbacks):
+            callbacks.append(ReconstructionReport())
+        if not any(isinstance(c, ReconstructionMonitor) for c in callbacks):
+            callbacks.append(ReconstructionMonitor())
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f"log_dir: {self.trainer.log_dir}", flush=True)
+
+
+def quiet_known_warnings() -> None:
+    for pattern in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def main(args: Optional[list[str]] = None) -> LightningGICLI:
+    quiet_known_warnings()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return LightningGICLI(
+        GradientInversionAttack,
+        VictimDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        args=args,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

@@ -1,0 +1,251 @@
+"""What the attacker observes: the client's shared gradient, as a file any PyTorch code can write.
+
+The on-disk format (documented in docs/observation_format.md) is a plain ``torch.save``d dict, so a
+user can capture a gradient in their own FL stack without importing lightning_gi::
+
+    {"format_version": 1,
+     "gradients": [t0, t1, ...],    # torch.autograd.grad(mean CE loss, list(model.parameters()))
+     "batch_size": 8,
+     "labels": LongTensor[8],       # optional: only when the client shares them
+     "param_names": [...],          # optional: names in model.named_parameters() order
+     "metadata": {...}}             # optional: str/int/float/bool values
+
+It loads with ``torch.load(weights_only=True)``: no code in the file is ever executed.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+_KNOWN_KEYS = {"format_version", "gradients", "batch_size", "labels", "param_names", "metadata", "loss_reduction"}
+
+
+class ObservationError(ValueError):
+    """A gradient observation is malformed or does not fit the victim model."""
+
+
+@dataclass
+class GradientObservation:
+    """The client's shared update as seen by the attacker (FedSGD: one batch-mean gradient).
+
+    ``gradients`` are aligned with ``list(model.parameters())`` of the victim.
+    """
+
+    gradients: list[Tensor]
+    batch_size: int
+    labels: Optional[Tensor] = None
+    param_names: Optional[list[str]] = None
+    loss_reduction: str = "mean"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def _name(self, i: int) -> str:
+        if self.param_names is not None and i < len(self.param_names):
+            return f"gradients[{i}] ({self.param_names[i]})"
+        return f"gradients[{i}]"
+
+    def validate(self) -> None:
+        """Check types, finiteness and label consistency; raise :class:`ObservationError` naming the culprit."""
+        if not isinstance(self.gradients, (list, tuple)) or len(self.gradients) == 0:
+            raise ObservationError("'gradients' must be a non-empty list of tensors (model.parameters() order)")
+        self.gradients = list(self.gradients)
+        for i, g in enumerate(self.gradients):
+            if not isinstance(g, Tensor):
+                raise ObservationError(f"{self._name(i)} is a {type(g).__name__}, expected a torch.Tensor")
+            if not torch.is_floating_point(g):
+                raise ObservationError(f"{self._name(i)} has dtype {g.dtype}, expected a floating-point tensor")
+            if not bool(torch.isfinite(g).all()):
+                bad = int((~torch.isfinite(g)).sum())
+                raise ObservationError(f"{self._name(i)} contains {bad} NaN/inf entries: the observation is unusable")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ObservationError(f"'batch_size' must be a positive int, got {self.batch_size!r}")
+        if self.param_names is not None:
+            if not all(isinstance(n, str) for n in self.param_names):
+                raise ObservationError("'param_names' must be a list of strings")
+            if len(self.param_names) != len(self.gradients):
+                raise ObservationError(
+                    f"'param_names' has {len(self.param_names)} entries but 'gradients' has {len(self.gradients)}"
+                )
+        if self.labels is not None:
+            if not isinstance(self.labels, Tensor) or self.labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+                raise ObservationError("'labels' must be an integer tensor of shape [batch_size]")
+            self.labels = self.labels.long().reshape(-1)
+            if self.labels.numel() != self.batch_size:
+                raise ObservationError(
+                    f"'labels' has {self.labels.numel()} entries but 'batch_size' is {self.batch_size}"
+                )
+            if bool((self.labels < 0).any()):
+                raise ObservationError(f"'labels' contains negative values: {self.labels.tolist()}")
+        if self.loss_reduction not in ("mean", "sum"):
+            raise ObservationError(f"'loss_reduction' must be 'mean' or 'sum', got {self.loss_reduction!r}")
+
+    def check_against(self, model: nn.Module, num_classes: Optional[int] = None) -> None:
+        """Check that the gradients fit ``model.parameters()`` one to one (count and shapes)."""
+        params = list(model.named_parameters())
+        if len(params) != len(self.gradients):
+            raise ObservationError(
+                f"the observation has {len(self.gradients)} gradient tensors but the victim model "
+                f"{type(model).__name__} has {len(params)} parameters; gradients must follow "
+                "list(model.parameters()) order, one tensor per parameter"
+            )
+        for i, ((pname, p), g) in enumerate(zip(params, self.gradients)):
+            if tuple(g.shape) != tuple(p.shape):
+                raise ObservationError(
+                    f"{self._name(i)} has shape {tuple(g.shape)} but the victim's parameter '{pname}' "
+                    f"has shape {tuple(p.shape)}"
+                )
+        if self.param_names is not None:
+            names = [n for n, _ in params]
+            if self.param_names != names:
+                first = next(i for i, (a, b) in enumerate(zip(self.param_names, names)) if a != b)
+                raise ObservationError(
+                    f"param_names[{first}] is '{self.param_names[first]}' but the victim's parameter "
+                    f"{first} is '{names[first]}': was the gradient captured from another architecture?"
+                )
+        if num_classes is not None and self.labels is not None and bool((self.labels >= num_classes).any()):
+            raise ObservationError(
+                f"'labels' {self.labels.tolist()} contain a class >= num_classes={num_classes}"
+            )
+
+    # ------------------------------------------------------------------ i/o
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "gradients": [g.detach().cpu() for g in self.gradients],
+            "batch_size": int(self.batch_size),
+            "loss_reduction": self.loss_reduction,
+            "metadata": dict(self.metadata),
+        }
+        if self.labels is not None:
+            d["labels"] = self.labels.detach().cpu()
+        if self.param_names is not None:
+            d["param_names"] = list(self.param_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GradientObservation":
+        if not isinstance(d, Mapping):
+            raise ObservationError(f"an observation file must hold a dict, found {type(d).__name__}")
+        missing = [k for k in ("format_version", "gradients", "batch_size") if k not in d]
+        if missing:
+            raise ObservationError(
+                f"observation is missing required key(s) {missing}; see docs/observation_format.md"
+            )
+        version = d["format_version"]
+        if version not in SUPPORTED_VERSIONS:
+            raise ObservationError(
+                f"unsupported observation format_version {version!r}; this lightning_gi reads {SUPPORTED_VERSIONS}"
+            )
+        unknown = sorted(set(map(str, d.keys())) - _KNOWN_KEYS)
+        if unknown:
+            raise ObservationError(f"unknown observation key(s) {unknown}; known keys: {sorted(_KNOWN_KEYS)}")
+        metadata = d.get("metadata") or {}
+        if not isinstance(metadata, Mapping):
+            raise ObservationError("'metadata' must be a dict")
+        return cls(
+            gradients=d["gradients"],
+            batch_size=d["batch_size"],
+            labels=d.get("labels"),
+            param_names=d.get("param_names"),
+            loss_reduction=d.get("loss_reduction", "mean"),
+            metadata=dict(metadata),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temp file + rename) so a crash never leaves a truncated observation."""
+        save_atomic(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "GradientObservation":
+        """Load with ``weights_only=True``; any failure becomes an :class:`ObservationError`."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ObservationError(f"observation file not found: {path}")
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, corrupt, or holding objects outside the safe allow-list
+            raise ObservationError(f"cannot read observation file {path}: {type(err).__name__}: {err}") from None
+        try:
+            return cls.from_dict(raw)
+        except ObservationError as err:
+            raise ObservationError(f"{path}: {err}") from None
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same directory, then rename over ``path``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+GradientDefense = Callable[[list[Tensor]], list[Tensor]]
+
+
+def client_gradients(
+    model: nn.Module, images: Tensor, labels: Tensor, reduction: str = "mean"
+) -> list[Tensor]:
+    """The FedSGD client computation: gradient of the cross-entropy of ``(images, labels)``.
+
+    Returns one tensor per ``model.parameters()`` entry (parameters with requires_grad=False get zeros).
+    """
+    params = list(model.parameters())
+    needs = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        loss = nn.functional.cross_entropy(model(images), labels, reduction=reduction)
+        grads = torch.autograd.grad(loss, params)
+    finally:
+        for p, n in zip(params, needs):
+            p.requires_grad_(n)
+    return [g.detach() for g in grads]
+
+
+def capture_observation(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    defenses: Sequence[GradientDefense] = (),
+    share_labels: bool = False,
+    metadata: Optional[Mapping[str, Any]] = None,
+) -> GradientObservation:
+    """Simulate a FedSGD client: mean cross-entropy gradient of a private batch, defenses applied in order.
+
+    ``images`` must already be in the model's input space (normalised as the client would).
+    """
+    if images.ndim != 4:
+        raise ObservationError(f"images must be [N,C,H,W], got shape {tuple(images.shape)}")
+    if labels.ndim != 1 or labels.numel() != images.shape[0]:
+        raise ObservationError(
+            f"labels must be [N] with N={images.shape[0]} matching the images, got shape {tuple(labels.shape)}"
+        )
+    grads = client_gradients(model, images, labels.long())
+    for defense in defenses:
+        grads = list(defense(grads))
+    names = [n for n, _ in model.named_parameters()]
+    return GradientObservation(
+        gradients=grads,
+        batch_size=int(images.shape[0]),
+        labels=labels.detach().cpu().long() if share_labels else None,
+        param_names=names,
+        metadata=dict(metadata or {}),
+    )
+

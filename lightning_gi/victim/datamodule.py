@@ -1,0 +1,318 @@
+"""DataModules that supply the victim: the model the server knows, and the gradient it observed.
+
+Two sources share one base class:
+- :class:`FedSGDVictim` simulates a client: bundled/real images, a batch chosen by seed, the batch-mean
+  cross-entropy gradient, defenses applied. The ground truth is kept for metrics only.
+- :class:`ObservationFileVictim` reads a gradient captured elsewhere (docs/observation_format.md).
+
+The attack sees :meth:`VictimDataModule.attack_inputs` (model + observation + input geometry), never the
+ground truth (:meth:`VictimDataModule.ground_truth`), which only metric/monitor callbacks read.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..observation import GradientObservation, ObservationError, capture_observation
+from .defenses import Defense
+from .models import load_weights, reinitialise
+
+
+@dataclass
+class GroundTruth:
+    """The private batch (images in [0,1] image space, labels). Never shown to an attack."""
+
+    images: Tensor
+    labels: Tensor
+
+
+@dataclass
+class AttackInputs:
+    """Everything an attack may use: what an honest-but-curious server has."""
+
+    model: nn.Module
+    observation: GradientObservation
+    image_shape: tuple[int, int, int]
+    mean: Tensor  # [C,1,1], the victim's input normalisation
+    std: Tensor
+    num_classes: int
+
+    def to_image_space(self, x: Tensor) -> Tensor:
+        """Undo the victim's normalisation: model input -> [0,1]-range image (not clamped)."""
+        return x * self.std.to(x) + self.mean.to(x)
+
+    def to_input_space(self, images: Tensor) -> Tensor:
+        return (images - self.mean.to(images)) / self.std.to(images)
+
+
+class _Steps(IterableDataset):
+    """An endless stream of step indices: the Trainer's max_steps ends the attack, not the data."""
+
+    def __iter__(self) -> Iterator[int]:
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+
+def infer_num_classes(model: nn.Module) -> Optional[int]:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+class VictimDataModule(pl.LightningDataModule):
+    """Base: the victim model (any nn.Module), its weights and input geometry.
+
+    Args:
+        model: the victim architecture (``class_path`` + ``init_args`` in a config).
+        weights_path: optional local state dict (.pt/.pth/.safetensors) loaded into ``model``.
+        model_seed: re-draw the model's random initialisation from this seed (untrained victims).
+        image_shape: (C, H, W) of one input.
+        mean, std: the victim's per-channel input normalisation; None means identity.
+        num_classes: inferred from the model's last linear layer when None.
+        train_mode: run the victim in train mode (BN uses batch statistics) instead of eval mode.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        weights_path: Optional[str] = None,
+        model_seed: Optional[int] = None,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        num_classes: Optional[int] = None,
+        train_mode: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(image_shape) != 3 or min(image_shape) < 1:
+            raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
+        channels = image_shape[0]
+        mean = [0.0] * channels if mean is None else list(mean)
+        std = [1.0] * channels if std is None else list(std)
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"mean/std need {channels} values (one per channel), got {len(mean)} and {len(std)}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {std}")
+        if model_seed is not None:
+            reinitialise(model, model_seed)
+        if weights_path is not None:
+            load_weights(model, weights_path)
+        self.model = model.train(train_mode)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.num_classes = num_classes if num_classes is not None else infer_num_classes(model)
+        if self.num_classes is None:
+            raise ValueError("num_classes cannot be inferred (no nn.Linear in the model): set data.num_classes")
+        self._observation: Optional[GradientObservation] = None
+        self._ground_truth: Optional[GroundTruth] = None
+        self._check_model_accepts_input()
+
+    def _check_model_accepts_input(self) -> None:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = self.model(torch.zeros(1, *self.image_shape))
+        except Exception as err:
+            raise ValueError(
+                f"the victim {type(self.model).__name__} does not accept inputs of shape {self.image_shape}: "
+                f"{type(err).__name__}: {err}"
+            ) from None
+        finally:
+            self.model.train(was_training)
+        if out.ndim != 2 or out.shape[1] != self.num_classes:
+            raise ValueError(
+                f"the victim outputs shape {tuple(out.shape)} for one input; expected [1, num_classes={self.num_classes}]"
+            )
+
+    # ------------------------------------------------------------------ to override
+    def build_observation(self) -> tuple[GradientObservation, Optional[GroundTruth]]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ contract
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self._observation is None:
+            obs, gt = self.build_observation()
+            obs.check_against(self.model, self.num_classes)
+            self._observation, self._ground_truth = obs, gt
+
+    @property
+    def observation(self) -> GradientObservation:
+        self.setup()
+        assert self._observation is not None
+        return self._observation
+
+    def attack_inputs(self) -> AttackInputs:
+        return AttackInputs(self.model, self.observation, self.image_shape, self.mean, self.std, int(self.num_classes))
+
+    def ground_truth(self) -> Optional[GroundTruth]:
+        self.setup()
+        return self._ground_truth
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Steps(), batch_size=None, num_workers=0)
+
+
+class FedSGDVictim(VictimDataModule):
+    """A simulated FedSGD client: one batch's mean cross-entropy gradient, with defenses applied.
+
+    Args:
+        dataset: "photographs" / "digits" (bundled, offline), "mnist", "fashionmnist", "svhn",
+            "cifar10", "cifar100" or "imagefolder" (with ``data_root``).
+        data_root: root directory for torchvision datasets / ImageFolder (nothing is downloaded).
+        batch_size: images in the private batch.
+        batch_seed: which batch (and which crops of the bundled photographs).
+        label_mode: "unique", "repeated" or "random" labels in the batch.
+        num_distinct: number of distinct classes for label_mode="repeated".
+        share_labels: the client also shares its labels (stored in the observation).
+        defenses: applied in order to the gradient before it is shared.
+        save_observation: also write the observation to this path (to attack it again later).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: str = "photographs",
+        data_root: Optional[str] = None,
+        batch_size: int = 1,
+        batch_seed: int = 0,
+        label_mode: str = "unique",
+        num_distinct: Optional[int] = None,
+        share_labels: bool = False,
+        defenses: Optional[list[Defense]] = None,
+        save_observation: Optional[str] = None,
+        weights_path: Optional[str] = None,
+        model_seed: Optional[int] = None,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        num_classes: Optional[int] = None,
+        train_mode: bool = False,
+    ) -> None:
+        super().__init__(model, weights_path, model_seed, image_shape, mean, std, num_classes, train_mode)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset_name = dataset
+        self.data_root = data_root
+        self.batch_size = batch_size
+        self.batch_seed = batch_seed
+        self.label_mode = label_mode
+        self.num_distinct = num_distinct
+        self.share_labels = share_labels
+        self.defenses = list(defenses or [])
+        self.save_observation = save_observation
+
+    def build_observation(self) -> tuple[GradientObservation, Optional[GroundTruth]]:
+        from .data import build_dataset, select_batch
+
+        c, h, w = self.image_shape
+        if h != w:
+            raise ValueError(f"bundled/torchvision datasets give square images; image_shape is {self.image_shape}")
+        dataset = build_dataset(self.dataset_name, root=self.data_root, image_size=h, channels=c)
+        images, labels, indices = select_batch(
+            dataset, self.batch_size, seed=self.batch_seed, label_mode=self.label_mode, num_distinct=self.num_distinct
+        )
+        if int(labels.max()) >= self.num_classes:
+            raise ValueError(
+                f"dataset '{self.dataset_name}' has labels up to {int(labels.max())} but the victim has "
+                f"num_classes={self.num_classes}"
+            )
+        obs = capture_observation(
+            self.model,
+            (images - self.mean) / self.std,
+            labels,
+            defenses=self.defenses,
+            share_labels=self.share_labels,
+            metadata={"dataset": self.dataset_name, "indices": ",".join(map(str, indices)), "batch_seed": self.batch_seed},
+        )
+        if self.save_observation:
+            obs.save(self.save_observation)
+        return obs, GroundTruth(images.clone(), labels.clone())
+
+
+class ObservationFileVictim(VictimDataModule):
+    """A gradient captured elsewhere, read from an observation file (docs/observation_format.md).
+
+    Args:
+        observation_path: the ``torch.save``d observation dict.
+        ground_truth_path: optional ``torch.save``d {"images": [N,C,H,W] in [0,1], "labels": [N]} for metrics.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        observation_path: str,
+        ground_truth_path: Optional[str] = None,
+        weights_path: Optional[str] = None,
+        model_seed: Optional[int] = None,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        num_classes: Optional[int] = None,
+        train_mode: bool = False,
+    ) -> None:
+        super().__init__(model, weights_path, model_seed, image_shape, mean, std, num_classes, train_mode)
+        self.observation_path = observation_path
+        self.ground_truth_path = ground_truth_path
+
+    def build_observation(self) -> tuple[GradientObservation, Optional[GroundTruth]]:
+        obs = GradientObservation.load(self.observation_path)
+        gt = None
+        if self.ground_truth_path:
+            if not os.path.isfile(self.ground_truth_path):
+                raise ObservationError(f"ground-truth file not found: {self.ground_truth_path}")
+            raw = torch.load(self.ground_truth_path, map_location="cpu", weights_only=True)
+            images, labels = raw.get("images"), raw.get("labels")
+            if not isinstance(images, Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+                raise ObservationError(
+                    f"{self.ground_truth_path}: 'images' must be [N,{','.join(map(str, self.image_shape))}] in [0,1]"
+                )
+            if images.shape[0] != obs.batch_size:
+                raise ObservationError(
+                    f"{self.ground_truth_path}: {images.shape[0]} images but the observation's batch_size is {obs.batch_size}"
+                )
+            gt = GroundTruth(images.float(), labels.long() if isinstance(labels, Tensor) else torch.full((obs.batch_size,), -1))
+        return obs, gt
+
+
+class TensorBatchVictim(VictimDataModule):
+    """A FedSGD client on a batch given as tensors (for Python use: notebooks, tests, benchmarks).
+
+    Args:
+        images: [N,C,H,W] in [0,1] image space; labels: [N].
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        defenses: Optional[list[Defense]] = None,
+        share_labels: bool = False,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        num_classes: Optional[int] = None,
+        train_mode: bool = False,
+    ) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"images must be [N,C,H,W], got {tuple(images.shape)}")
+        super().__init__(model, None, None, tuple(images.shape[1:]), mean, std, num_classes, train_mode)
+        self.images, self.labels = images.detach().float(), labels.detach().long()
+        self.defenses = list(defenses or [])
+        self.share_labels = share_labels
+
+    def build_observation(self) -> tuple[GradientObservation, Optional[GroundTruth]]:
+        if int(self.labels.max()) >= self.num_classes or int(self.labels.min()) < 0:
+            raise ValueError(f"labels {self.labels.tolist()} outside [0, {self.num_classes})")
+        obs = capture_observation(
+            self.model, (self.images - self.mean) / self.std, self.labels, self.defenses, self.share_labels
+        )
+        return obs, GroundTruth(self.images.clone(), self.labels.clone())
