@@ -123,14 +123,15 @@ def ssim_sigma(kernel_size: int) -> float:
 
 
 def per_image_scores(matched_reconstructions: Tensor, ground_truth: Tensor) -> dict[str, Tensor]:
-    """Per-image ``mse``, ``psnr`` and ``ssim`` (each [N]) of already-paired batches in [0, 1]."""
+    """Per-image ``mse``, ``psnr`` and ``ssim`` (each [N], float64) of already-paired batches in [0, 1]."""
     if matched_reconstructions.shape != ground_truth.shape:
         raise ValueError(
             f"paired batches must have equal shapes: {tuple(matched_reconstructions.shape)} vs "
             f"{tuple(ground_truth.shape)}"
         )
-    preds = matched_reconstructions.detach().float()
-    target = ground_truth.detach().float().to(preds.device)
+    # float64: in float32 torchmetrics' SSIM of identical flat regions drifts from 1 (variance round-off)
+    preds = matched_reconstructions.detach().to(torch.float64)
+    target = ground_truth.detach().to(preds.device, torch.float64)
     mse = (preds - target).pow(2).flatten(1).mean(1)
     psnr = peak_signal_noise_ratio(preds, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
     k = ssim_kernel_size(preds.shape[-2], preds.shape[-1])

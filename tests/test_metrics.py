@@ -142,6 +142,8 @@ def test_small_images_use_small_ssim_kernel():
     # 4x4 would fail with the standard 11-wide window (reflection padding of 5 > 4 pixels)
     tiny = _images(2, h=4, w=4)
     assert reconstruction_metrics(tiny.clone(), tiny)["ssim"] == pytest.approx(1.0, abs=1e-5)
+    flat = torch.ones(1, 1, 4, 4)  # flat identical images: exactly 1 (no float32 variance drift)
+    assert reconstruction_metrics(flat, flat.clone())["ssim"] == pytest.approx(1.0, abs=1e-9)
     gt = _images(3, c=1, h=8, w=8)
     noisy = (gt + 0.05 * torch.randn(gt.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
     perfect = reconstruction_metrics(gt.clone(), gt)

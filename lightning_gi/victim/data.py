@@ -312,7 +312,7 @@ def torchvision_dataset(
         else:
             base = cls(root, train=train, download=False)
     except (RuntimeError, OSError, ValueError) as e:  # torchvision reports missing/corrupt files as RuntimeError
-        raise _not_found(key, root, f"{type(e).__name__}: {e}") from e
+        raise _not_found(key, root, "files missing, incomplete or corrupt") from e
     classes = [str(i) for i in range(10)] if key == "svhn" else None
     return TorchvisionDataset(base, image_size=image_size, channels=channels, classes=classes)
 

@@ -1,0 +1,289 @@
+"""Attack x defense-strength grid: how much each client-side defense hurts each attack.
+
+For every attack, defense family and strength, and every private case (a seeded untrained victim and
+one bundled photograph, batch 1 as in the DLG paper's defense study), the client's gradient is
+captured with the defense, the attack runs, and the reconstruction is scored (PSNR, SSIM, LPIPS when
+its backbone file is on disk, label accuracy, "recovered" = MSE < 1e-3). Outputs in
+benchmarks/results/ (or --out):
+
+    attack_vs_defense.csv   one row per run
+    attack_vs_defense.md    mean over cases per (attack, defense, strength)
+    attack_vs_defense.png   PSNR / LPIPS (SSIM without LPIPS) / label accuracy vs defense strength
+
+Default grid (CPU, a few minutes): sigmoid LeNet 32x32, iDLG and DLG (50 L-BFGS steps) and Inverting
+Gradients (600 signed-Adam steps) if available, Gaussian noise std 0/1e-4/1e-3/1e-2/1e-1, top-k
+pruning 0/20/50/90/99%, 2 cases. ``--paper`` selects the paper-scale grid (GPU): 300 L-BFGS steps,
+Inverting Gradients 4,000 steps, Gaussian and Laplace noise, relative Laplace (0.1 x max per layer as
+in the stepwise paper), pruning 0..99%, fp16/bf16/int8, 8 cases.
+
+    python benchmarks/attack_vs_defense.py                      # default grid
+    python benchmarks/attack_vs_defense.py --paper --device cuda
+    python benchmarks/attack_vs_defense.py --attacks idlg --families prune --cases 1 --steps 20
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, lean_trainer, single_thread  # noqa: E402
+
+# family -> (label of the strength axis, default strengths, paper strengths, builder)
+FAMILIES: dict[str, tuple[str, list[float], list[float]]] = {
+    "noise": ("Gaussian noise std", [0.0, 1e-4, 1e-3, 1e-2, 1e-1], [0.0, 1e-4, 1e-3, 1e-2, 1e-1]),
+    "laplace": ("Laplace noise scale b", [0.0, 1e-4, 1e-3, 1e-2, 1e-1], [0.0, 1e-4, 1e-3, 1e-2, 1e-1]),
+    "laplace_rel": ("Laplace scale / max|g| per layer", [0.0, 0.01, 0.1], [0.0, 0.01, 0.1, 0.3]),
+    "prune": ("pruned fraction (top-k per layer)", [0.0, 0.2, 0.5, 0.9, 0.99], [0.0, 0.01, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99]),
+    "precision": ("bits (32 = none; 16 = fp16, 8 = int8)", [32, 16, 8], [32, 16, 8]),
+    "clip": ("global clip norm (inf = none)", [math.inf, 1.0, 0.1], [math.inf, 10.0, 1.0, 0.1, 0.01]),
+}
+DEFAULT_FAMILIES = ["noise", "prune"]
+PAPER_FAMILIES = ["noise", "laplace", "laplace_rel", "prune", "precision"]
+
+
+def build_defenses(family: str, strength: float, seed: int) -> list[Any]:
+    from lightning_gi.victim.defenses import GaussianNoise, GradientClipping, LaplaceNoise, LowPrecision, TopKPruning
+
+    if family == "noise":
+        return [GaussianNoise(std=strength, seed=seed)] if strength > 0 else []
+    if family == "laplace":
+        return [LaplaceNoise(scale=strength, seed=seed)] if strength > 0 else []
+    if family == "laplace_rel":
+        return [LaplaceNoise(scale=strength, relative=True, seed=seed)] if strength > 0 else []
+    if family == "prune":
+        return [TopKPruning(prune_ratio=strength)] if strength > 0 else []
+    if family == "precision":
+        return {32: [], 16: [LowPrecision("fp16")], 8: [LowPrecision("int8")]}[int(strength)]
+    if family == "clip":
+        return [GradientClipping(max_norm=strength)] if math.isfinite(strength) else []
+    raise ValueError(f"unknown defense family {family!r}; choose from {sorted(FAMILIES)}")
+
+
+def available_attacks() -> dict[str, Callable[[int], Any]]:
+    from lightning_gi.attacks import DLG, IDLG
+
+    attacks: dict[str, Callable[[int], Any]] = {"idlg": lambda seed: IDLG(seed=seed), "dlg": lambda seed: DLG(seed=seed)}
+    try:
+        from lightning_gi.attacks import InvertingGradients
+
+        attacks["ig"] = lambda seed: InvertingGradients(seed=seed)
+    except ImportError:
+        pass
+    return attacks
+
+
+def build_model(name: str, num_classes: int, image_size: int, channels: int) -> torch.nn.Module:
+    from lightning_gi.victim.models import LeNet, torchvision_classifier
+
+    if name == "lenet":
+        return LeNet(num_classes=num_classes, in_channels=channels, image_size=image_size)
+    return torchvision_classifier(name, num_classes=num_classes, in_channels=channels)
+
+
+def run_one(attack: Any, model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, defenses: list[Any],
+            steps: int, device: str, lpips_model: Optional[torch.nn.Module]) -> dict[str, Any]:
+    from lightning_gi.metrics import reconstruction_metrics
+    from lightning_gi.victim import TensorBatchVictim
+
+    victim = TensorBatchVictim(model, image, label, defenses=defenses)
+    t0 = time.perf_counter()
+    lean_trainer(steps, accelerator=device).fit(attack, datamodule=victim)
+    seconds = time.perf_counter() - t0
+    rec = attack.reconstruction()
+    m = reconstruction_metrics(rec["images"], image, rec["labels"], label, lpips_model)
+    return {
+        "psnr": m["psnr"],
+        "ssim": m["ssim"],
+        "mse": m["mse"],
+        "lpips": m["lpips"] if m["lpips"] is not None else math.nan,
+        "label_accuracy": m["label_accuracy"],
+        "recovered": float(m["mse"] < 1e-3),
+        "matching_distance": rec["matching_distance"],
+        "seconds": seconds,
+    }
+
+
+def mean(values: list[float]) -> float:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return math.nan
+    finite = [min(v, 100.0) for v in vals]  # PSNR of a perfect reconstruction is inf: cap at 100 dB
+    return sum(finite) / len(finite)
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys: list[tuple[str, str, float]] = []
+    for r in rows:
+        k = (r["attack"], r["defense"], r["strength"])
+        if k not in keys:
+            keys.append(k)
+    out = []
+    for k in keys:
+        sel = [r for r in rows if (r["attack"], r["defense"], r["strength"]) == k]
+        out.append({
+            "attack": k[0], "defense": k[1], "strength": k[2], "runs": len(sel),
+            **{m: mean([r[m] for r in sel]) for m in ("psnr", "ssim", "lpips", "label_accuracy", "recovered", "seconds")},
+        })
+    return out
+
+
+def fmt(v: float, digits: int = 2) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def write_markdown(path: Path, summary: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    lines = [
+        "# Attack x defense strength",
+        "",
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
+        "",
+        "Means over cases (PSNR capped at 100 dB; recovered = fraction of runs with MSE < 1e-3).",
+        "",
+        "| attack | defense | strength | PSNR (dB) | SSIM | LPIPS | label acc | recovered | s/run | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['attack']} | {s['defense']} | {s['strength']:g} | {fmt(s['psnr'])} | {fmt(s['ssim'], 3)} | "
+            f"{fmt(s['lpips'], 3)} | {fmt(s['label_accuracy'])} | {fmt(s['recovered'])} | {fmt(s['seconds'], 1)} | {s['runs']} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(path: Path, summary: list[dict[str, Any]], families: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    have_lpips = any(not math.isnan(s["lpips"]) for s in summary)
+    metrics = [("psnr", "PSNR (dB)"), ("lpips", "LPIPS") if have_lpips else ("ssim", "SSIM (LPIPS n/a)"), ("label_accuracy", "label accuracy")]
+    fig, axes = plt.subplots(len(families), len(metrics), figsize=(4.2 * len(metrics), 3.2 * len(families)), squeeze=False)
+    attacks = list(dict.fromkeys(s["attack"] for s in summary))
+    for i, fam in enumerate(families):
+        xlabel = FAMILIES[fam][0]
+        for j, (key, title) in enumerate(metrics):
+            ax = axes[i][j]
+            for a in attacks:
+                pts = [(s["strength"], s[key]) for s in summary if s["attack"] == a and s["defense"] == fam]
+                if fam == "clip":  # plot "none" at the right edge
+                    finite = [x for x, _ in pts if math.isfinite(x)]
+                    edge = 10 * max(finite) if finite else 1.0
+                    pts = [(x if math.isfinite(x) else edge, y) for x, y in pts]
+                pts.sort()
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=a)
+            if fam in ("noise", "laplace", "laplace_rel"):
+                ax.set_xscale("symlog", linthresh=1e-4)
+            elif fam == "clip":
+                ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_title(f"{title} - {fam}")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paper", action="store_true", help="paper-scale grid (use a GPU)")
+    parser.add_argument("--attacks", nargs="+", default=None, help="subset of: idlg dlg ig (default: all available)")
+    parser.add_argument("--families", nargs="+", default=None, choices=sorted(FAMILIES), help="defense families")
+    parser.add_argument("--strengths", nargs="+", type=float, default=None, help="override the strengths (one family)")
+    parser.add_argument("--cases", type=int, default=None, help="private cases (victim seed + image) per cell")
+    parser.add_argument("--steps", type=int, default=None, help="L-BFGS steps for DLG/iDLG")
+    parser.add_argument("--ig-steps", type=int, default=None, help="Adam steps for Inverting Gradients")
+    parser.add_argument("--model", default="lenet", help="lenet or a torchvision model name (resnet18, ...)")
+    parser.add_argument("--dataset", default="photographs", help="photographs, digits, cifar10, ... (see victim.data)")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", default=str(RESULTS), help="output directory")
+    parser.add_argument("--name", default="attack_vs_defense", help="output file stem")
+    args = parser.parse_args(argv)
+    single_thread()
+
+    from lightning_gi.metrics import load_lpips
+    from lightning_gi.victim.data import build_dataset, select_batch
+    from lightning_gi.victim.models import reinitialise
+
+    families = args.families or (PAPER_FAMILIES if args.paper else DEFAULT_FAMILIES)
+    if args.strengths is not None and len(families) != 1:
+        parser.error("--strengths needs exactly one --families entry")
+    cases = args.cases if args.cases is not None else (8 if args.paper else 2)
+    steps = args.steps if args.steps is not None else (300 if args.paper else 50)
+    ig_steps = args.ig_steps if args.ig_steps is not None else (4000 if args.paper else 600)
+    registry = available_attacks()
+    names = args.attacks or list(registry)
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        parser.error(f"unknown/unavailable attacks {unknown}; available: {sorted(registry)}")
+
+    dataset = build_dataset(args.dataset, root=args.data_root, image_size=args.image_size, channels=args.channels)
+    model = build_model(args.model, args.num_classes, args.image_size, args.channels)
+    lpips_model = load_lpips("alex", device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "model": args.model, "dataset": args.dataset, "image_size": args.image_size, "batch": 1, "cases": cases,
+        "lbfgs_steps": steps, "ig_steps": ig_steps, "device": args.device,
+        "lpips": "alex" if lpips_model is not None else "unavailable (no backbone file)",
+    }
+    print("settings:", settings, flush=True)
+
+    rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    undefended: dict[tuple[int, str], dict[str, Any]] = {}
+    for case in range(cases):
+        reinitialise(model, case)
+        image, label, _ = select_batch(dataset, 1, seed=case)
+        for fam in families:
+            strengths = args.strengths if args.strengths is not None else FAMILIES[fam][2 if args.paper else 1]
+            for strength in strengths:
+                for name in names:
+                    defenses = build_defenses(fam, float(strength), seed=case)
+                    attack = registry[name](case)
+                    n_steps = ig_steps if name == "ig" else steps
+                    if not defenses and (case, name) in undefended:  # strength 0 of every family: run once
+                        res = dict(undefended[(case, name)])
+                    else:
+                        res = run_one(attack, model, image, label, defenses, n_steps, args.device, lpips_model)
+                        if not defenses:
+                            undefended[(case, name)] = res
+                    row = {"attack": name, "defense": fam, "strength": float(strength), "case": case, **res}
+                    rows.append(row)
+                    print(
+                        f"[{time.perf_counter() - t_start:7.1f}s] case {case} {name:5s} {fam:11s} {strength:<8g} "
+                        f"PSNR {res['psnr']:6.2f}  SSIM {res['ssim']:.3f}  label {res['label_accuracy']:.0f}  "
+                        f"({res['seconds']:.1f}s)",
+                        flush=True,
+                    )
+
+    stem = out / args.name
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summarise(rows)
+    settings["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    write_markdown(Path(f"{stem}.md"), summary, settings)
+    write_plot(Path(f"{stem}.png"), summary, families)
+    print(Path(f"{stem}.md").read_text())
+    print(f"wrote {stem}.csv, {stem}.md, {stem}.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""A generic image-space attack: gradient distance + image priors, optional signed/boxed updates, restarts.
+
+Inverting Gradients (Geiping et al. 2020), WDLG (Wang et al. 2023) and the GradInversion-style recipe
+(Yin et al. 2021) are all one optimisation with different parts::
+
+    minimise over x_r (r = 1..R restarts)   sum_r [ D(grad_W L(f(x_r), y), g_obs) + sum_k w_k P_k(x_r) ]
+
+with labels ``y`` recovered from the observation first (:mod:`lightning_gi.labels`), ``D`` a gradient
+distance (:mod:`lightning_gi.objectives.distances`) and ``P_k`` image priors with weights ``w_k``
+(:mod:`lightning_gi.objectives.priors`). :class:`ImagePriorAttack` implements it once; the named
+attacks (:class:`~lightning_gi.attacks.InvertingGradients`, :class:`~lightning_gi.attacks.GradInversion`,
+:class:`~lightning_gi.attacks.WDLG`) are thin subclasses that only change defaults.
+
+Update rules (paper options, all off by default)
+------------------------------------------------
+* ``signed_gradients``: before every optimiser step each unknown's ``.grad`` is replaced by its sign
+  (Inverting Gradients, Sec. 4: "Adam on the signed gradient"). Done in ``on_before_optimizer_step``, which
+  Lightning calls after ``backward`` (and for L-BFGS after every closure evaluation). The sign is
+  element-wise, so restarts cannot interact through it.
+* ``boxed``: after every optimiser step the dummies are clamped per channel to the victim's valid input
+  range ``[(0 - mean_c) / std_c, (1 - mean_c) / std_c]`` (images in [0, 1] before normalisation).
+* ``milestone_fractions``: MultiStepLR with milestones ``round(f * trainer.max_steps)`` and ``lr_gamma``
+  (Inverting Gradients: 3/8, 5/8, 7/8 and 0.1). Or pass any ``lr_scheduler`` factory instead.
+
+Restarts (design)
+-----------------
+The ``R = restarts`` initialisations are stacked in one parameter ``dummy_images`` of shape
+``[R, N, C, H, W]`` and optimised together in one run of the budget (``trainer.max_steps``). The
+objective is the SUM of the R per-restart objectives; each restart's victim gradient, distance and priors
+are computed from that restart's images alone (separate forward/``autograd.grad`` per restart, so BatchNorm
+statistics, the BN prior and the batch-mean loss never mix restarts). Because ``d(sum_r L_r)/dx_r =
+dL_r/dx_r`` and Adam, the sign and the box are element-wise, each restart follows exactly the trajectory it
+would follow alone (``tests/test_inverting.py`` checks this against ``restarts=1`` runs). The learning-rate
+schedule is shared, which is the same schedule each would have had alone.
+
+* Seeds: restart r's images are the r-th draw from ``torch.Generator().manual_seed(seed)``, so restart 0
+  equals the single-restart run with the same seed and the whole run is reproducible from ``seed``.
+* Best iterate: tracked per restart on device (``best_loss[R]``, ``best_images[R, N, ...]``), by the
+  matching distance (not the priors), as in the base class.
+* Winner: the restart whose kept iterate has the lowest matching distance (Geiping et al.: "the restart
+  with the lowest matching loss"); :meth:`reconstruction` returns it, with all restarts' losses
+  (and their images when R > 1).
+* Cost: R victim double-backward passes per step, and R graphs alive until ``backward`` (memory grows with
+  R). Where memory does not allow that, run ``restarts: 1`` with several ``seed`` values instead.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..labels import IDLGLabels, LabelStrategy
+from ..objectives.distances import CosineDistance
+from .base import GradientInversionAttack
+
+# ``Callable[..., Any]``, not ``Callable[..., Tensor]``: with a class as return type jsonargparse reads a
+# ``class_path`` as "a subclass of Tensor"; with ``Any`` it accepts a distance class (``class_path:
+# lightning_gi.objectives.CosineDistance`` + typed ``init_args``) or a function's import path.
+DistanceFn = Callable[..., Any]
+
+__all__ = ["ImagePriorAttack", "DistanceFn", "milestones_from_fractions", "box_bounds", "INVERTING_GRADIENTS_MILESTONES"]
+
+INVERTING_GRADIENTS_MILESTONES = (3 / 8, 5 / 8, 7 / 8)
+
+
+def _default_adam(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=0.1)
+
+
+def milestones_from_fractions(fractions: Sequence[float], total_steps: int) -> list[int]:
+    """``[round(f * total_steps) for f in fractions]`` (Inverting Gradients: 3/8, 5/8, 7/8 of the run)."""
+    if total_steps is None or total_steps < 1:
+        raise ValueError(
+            f"milestone_fractions need a positive trainer.max_steps (the run's length), got {total_steps!r}"
+        )
+    out = []
+    for f in fractions:
+        if not 0.0 < float(f) < 1.0:
+            raise ValueError(f"milestone fractions must lie in (0, 1), got {f}")
+        out.append(max(1, int(round(float(f) * total_steps))))
+    if out != sorted(out):
+        raise ValueError(f"milestone fractions must be increasing, got {list(fractions)}")
+    return out
+
+
+def box_bounds(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(low, high)`` of the victim's input space for images in [0, 1]: ``((0-m)/s, (1-m)/s)``."""
+    return (0.0 - mean) / std, (1.0 - mean) / std
+
+
+class ImagePriorAttack(GradientInversionAttack):
+    """Optimise dummy images (labels recovered first) under a gradient distance plus image priors.
+
+    Args:
+        optimizer: optimiser factory over the dummy images (default Adam, lr 0.1).
+        lr_scheduler: optional scheduler factory (stepped every optimiser step); exclusive with
+            ``milestone_fractions``.
+        milestone_fractions: MultiStepLR milestones as fractions of ``trainer.max_steps`` (e.g.
+            ``[0.375, 0.625, 0.875]``); None: no built-in schedule.
+        lr_gamma: MultiStepLR decay factor at each milestone.
+        label_strategy: label recovery rule (default :class:`~lightning_gi.labels.IDLGLabels`: iDLG for one
+            image, the negative-row rule of GradInversion for a batch of distinct labels).
+        distance: gradient distance ``f(dummy_grads, target_grads, weights, masks)`` (default
+            :class:`~lightning_gi.objectives.CosineDistance`).
+        priors: image priors (modules with a ``weight``), applied to each restart's images.
+        signed_gradients: replace each unknown's gradient by its sign before the optimiser step.
+        boxed: clamp the dummies to the valid image range (per channel, input space) after each step.
+        restarts: number R of independent initialisations optimised side by side (see module docs).
+        init: initialisation of every restart (see :class:`GradientInversionAttack`).
+        seed: seed of the initialisations.
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = _default_adam,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        milestone_fractions: Optional[list[float]] = None,
+        lr_gamma: float = 0.1,
+        label_strategy: Optional[LabelStrategy] = None,
+        distance: Optional[DistanceFn] = None,
+        priors: Optional[list[nn.Module]] = None,
+        signed_gradients: bool = False,
+        boxed: bool = False,
+        restarts: int = 1,
+        init: str = "randn",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            optimizer,
+            lr_scheduler,
+            label_strategy=label_strategy if label_strategy is not None else IDLGLabels(),
+            init=init,
+            seed=seed,
+            distance=distance if distance is not None else CosineDistance(),
+        )
+        if restarts < 1:
+            raise ValueError(f"restarts must be >= 1, got {restarts}")
+        if milestone_fractions is not None and lr_scheduler is not None:
+            raise ValueError("give either lr_scheduler or milestone_fractions, not both")
+        if milestone_fractions is not None:
+            milestones_from_fractions(milestone_fractions, 1_000_000)  # validate early
+        if not lr_gamma > 0:
+            raise ValueError(f"lr_gamma must be positive, got {lr_gamma}")
+        self.milestone_fractions = None if milestone_fractions is None else [float(f) for f in milestone_fractions]
+        self.lr_gamma = float(lr_gamma)
+        self.signed_gradients = bool(signed_gradients)
+        self.boxed = bool(boxed)
+        self.restarts = int(restarts)
+        for prior in priors or []:
+            if not isinstance(prior, nn.Module) or not hasattr(prior, "weight"):
+                raise TypeError(f"a prior must be an nn.Module with a 'weight' attribute, got {prior!r}")
+            self.priors.append(prior)
+
+    # ------------------------------------------------------------------ unknowns and restarts
+    def create_unknowns(self, generator: torch.Generator) -> None:
+        inits = [self.initial_images(generator) for _ in range(self.restarts)]
+        self.dummy_images = nn.Parameter(torch.stack(inits))  # [R, N, C, H, W]
+
+    def bind(self, inputs: Any, device: Optional[torch.device] = None) -> "ImagePriorAttack":
+        super().bind(inputs, device=device)
+        dev = self.dummy_images.device
+        # per-restart best iterate (replaces the base class's single-batch buffers)
+        self.register_buffer("best_loss", torch.full((self.restarts,), float("inf"), device=dev))
+        self.register_buffer("best_images", self.dummy_images.detach().clone())
+        low, high = box_bounds(self.inputs.mean.to(dev), self.inputs.std.to(dev))
+        self.register_buffer("box_low", low, persistent=False)
+        self.register_buffer("box_high", high, persistent=False)
+        return self
+
+    def leading_restart(self) -> Tensor:
+        """Index (0-d tensor, no host sync) of the restart with the lowest kept matching distance."""
+        return torch.argmin(self.best_loss)
+
+    def dummy_batch(self) -> tuple[Tensor, Tensor]:
+        """The current images of the leading restart (what monitors show) and the labels."""
+        return self.dummy_images[self.leading_restart()], self.labels
+
+    # ------------------------------------------------------------------ the objective
+    def restart_objective(self, images: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(loss, matching distance, prior terms) of ONE restart's batch ``images`` [N, C, H, W]."""
+        distance = self.matching_distance(self.victim_gradients(images, self.labels))
+        terms = self.prior_terms(images)  # right after this restart's forward (BN prior hooks)
+        loss = distance
+        for value in terms.values():
+            loss = loss + value
+        return loss, distance, terms
+
+    def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """(sum of the per-restart losses, matching distances [R], images [R, N, C, H, W], prior terms
+        summed over restarts). Each restart is evaluated on its own (module docs, "Restarts")."""
+        total: Optional[Tensor] = None
+        distances = []
+        terms_sum: dict[str, Tensor] = {}
+        for r in range(self.restarts):
+            loss, distance, terms = self.restart_objective(self.dummy_images[r])
+            total = loss if total is None else total + loss
+            distances.append(distance)
+            for name, value in terms.items():
+                terms_sum[name] = value if name not in terms_sum else terms_sum[name] + value
+        return total, torch.stack(distances), self.dummy_images, terms_sum
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, distances, images, terms = self.objective()
+        self.update_best(distances.detach(), images.detach())
+        self.log("matching_distance", distances.detach().min(), prog_bar=True)
+        for name, value in terms.items():
+            self.log(f"prior/{name}", value.detach() / self.restarts)
+        return loss
+
+    # ------------------------------------------------------------------ update rules
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.signed_gradients:
+            for p in self._unknowns:
+                if p.grad is not None:
+                    p.grad.sign_()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.boxed:
+            self.project()
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Clamp every restart's dummies to the valid image range (per channel, in input space)."""
+        self.dummy_images.copy_(torch.maximum(torch.minimum(self.dummy_images, self.box_high), self.box_low))
+
+    def configure_optimizers(self) -> Any:
+        if self.milestone_fractions is None:
+            return super().configure_optimizers()
+        optimizer = self.optimizer_factory(self._unknowns)
+        max_steps = self.trainer.max_steps if self._trainer is not None else None
+        milestones = milestones_from_fractions(self.milestone_fractions, max_steps)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=self.lr_gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ best iterate and outputs
+    def update_best(self, distance: Tensor, images: Tensor) -> None:
+        """Per restart: keep the iterate with the lowest matching distance (NaN never wins); no host sync."""
+        better = distance < self.best_loss
+        self.best_loss = torch.where(better, distance, self.best_loss)
+        self.best_images = torch.where(better.view(-1, *([1] * (images.dim() - 1))), images, self.best_images)
+
+    def evaluate_final_iterate(self) -> None:
+        with torch.inference_mode(False), torch.enable_grad():
+            distances = []
+            for r in range(self.restarts):
+                grads = self.victim_gradients(self.dummy_images[r], self.labels)
+                distances.append(self.matching_distance([g.detach() for g in grads]).detach())
+        self.update_best(torch.stack(distances), self.dummy_images.detach())
+
+    @torch.no_grad()
+    def reconstruction(self) -> dict[str, Any]:
+        """The winning restart's best iterate in [0, 1] image space, its labels, and every restart's loss."""
+        winner = int(self.leading_restart())
+        images = self.inputs.to_image_space(self.best_images[winner]).clamp(0, 1)
+        out: dict[str, Any] = {
+            "images": images.detach().cpu().float(),
+            "labels": self.best_labels().detach().cpu().long(),
+            "matching_distance": float(self.best_loss[winner]),
+            "best_restart": winner,
+            "restart_losses": [float(v) for v in self.best_loss],
+        }
+        if self.restarts > 1:
+            out["restart_images"] = self.inputs.to_image_space(self.best_images).clamp(0, 1).detach().cpu().float()
+        return out

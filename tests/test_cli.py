@@ -1,0 +1,105 @@
+"""LightningCLI: configs parse, round-trip through --print_config, and a short run writes every output."""
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_gi.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FOUNDATION_CONFIGS = ["configs/idlg_lenet.yaml", "configs/dlg_lenet.yaml"]
+
+
+def _run(args):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(args)
+    return out.getvalue()
+
+
+def test_help_lists_the_subcommand_options():
+    with pytest.raises(SystemExit) as exit_info:
+        _run(["fit", "--help"])
+    assert exit_info.value.code == 0
+
+
+@pytest.mark.parametrize("config", FOUNDATION_CONFIGS)
+def test_print_config_round_trip(tmp_path, config):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / config), "--print_config"])
+    cfg = yaml.safe_load(out.getvalue())
+    source = yaml.safe_load((ROOT / config).read_text())
+    assert cfg["model"]["class_path"] == source["model"]["class_path"]
+    assert cfg["data"]["init_args"]["model"]["class_path"] == "lightning_gi.victim.LeNet"
+    assert cfg["trainer"]["max_steps"] == source["trainer"]["max_steps"]
+    # the printed config is itself a valid config
+    (tmp_path / "printed.yaml").write_text(out.getvalue())
+    out2 = io.StringIO()
+    with contextlib.redirect_stdout(out2), pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert yaml.safe_load(out2.getvalue()) == cfg
+
+
+@pytest.mark.parametrize("config", FOUNDATION_CONFIGS)
+def test_short_run_writes_outputs(tmp_path, config):
+    cfg = yaml.safe_load((ROOT / config).read_text())
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("ReconstructionMonitor"):
+            cb["init_args"]["every_n_steps"] = 2
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(cfg))
+    log = _run(
+        [
+            "fit",
+            "--config", str(tmp_path / "short.yaml"),
+            "--trainer.max_steps=4",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    run_dirs = list(tmp_path.glob("*/version_0"))
+    assert len(run_dirs) == 1, log
+    run = run_dirs[0]
+    assert f"log_dir: {run}" in log
+    rec = torch.load(run / "reconstruction.pt", weights_only=True)
+    assert rec["images"].shape == (1, 3, 32, 32) and rec["images"].dtype == torch.float32
+    assert 0.0 <= float(rec["images"].min()) and float(rec["images"].max()) <= 1.0
+    assert rec["labels"].dtype == torch.long and rec["labels"].shape == (1,)
+    assert (run / "reconstruction.png").stat().st_size > 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("mse", "psnr", "ssim", "lpips", "label_accuracy", "per_image", "assignment"):
+        assert key in metrics
+    assert metrics["lpips"] is None and "alexnet-owt-7be5be79.pth" in metrics["lpips_note"]
+    assert len(metrics["per_image"]) == 1
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert "matching_distance" in acc.Tags()["scalars"]
+    assert "quality/psnr" in acc.Tags()["scalars"]
+    assert len(acc.Images("reconstruction")) >= 2
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    bad = yaml.safe_load((ROOT / "configs/idlg_lenet.yaml").read_text())
+    bad["model"]["init_args"]["learning_rate"] = 0.1
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(tmp_path / "bad.yaml")])
+    assert exit_info.value.code != 0
+    assert "learning_rate" in err.getvalue()
+
+
+def test_missing_weights_file_names_the_file_and_the_page(tmp_path):
+    from lightning_gi.checkpoints import MissingCheckpointError
+    from lightning_gi.victim.models import torchvision_classifier
+
+    with pytest.raises(MissingCheckpointError, match=r"resnet18-f37072fd.pth.*checkpoints/README.md"):
+        torchvision_classifier("resnet18", weights_path="resnet18-f37072fd.pth")
