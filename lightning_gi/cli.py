@@ -2,8 +2,9 @@
 
 ``model:`` selects the attack (any :class:`GradientInversionAttack` subclass by class_path) and
 ``data:`` the victim (any :class:`VictimDataModule` subclass). The CLI always attaches
-:class:`ReconstructionReport` (outputs + metrics) and :class:`ReconstructionMonitor` (TensorBoard
-grids) unless the config lists its own instances, and prints where the outputs are at the end.
+:class:`ReconstructionReport` (outputs + metrics), :class:`ReconstructionMonitor` (TensorBoard grids)
+and :class:`DivergenceGuard` (NaN/inf recovery) unless the config lists its own instances, logs the
+config as TensorBoard hparams, and prints where the outputs are at the end.
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import sys
 import warnings
 from typing import Optional
 
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from .attacks.base import GradientInversionAttack
-from .callbacks import ReconstructionMonitor, ReconstructionReport
+from .callbacks import DivergenceGuard, ReconstructionMonitor, ReconstructionReport
 from .victim.datamodule import VictimDataModule
 
 _QUIET_WARNINGS = (
@@ -27,6 +28,24 @@ _QUIET_WARNINGS = (
 )
 
 
+def _flatten(prefix: str, value: object, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = str(value)
+
+
+class SaveConfigAndHparams(SaveConfigCallback):
+    """Saves config.yaml in the run directory and logs the flattened config as TensorBoard hparams."""
+
+    def save_config(self, trainer, pl_module, stage) -> None:  # type: ignore[no-untyped-def]
+        flat: dict[str, str] = {}
+        _flatten("", self.config.as_dict(), flat)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({k: v for k, v in flat.items() if not k.startswith("trainer.callbacks")})
+
+
 class LightningGICLI(LightningCLI):
     """LightningCLI with the attack/victim base classes and the mandatory output callbacks."""
 
@@ -36,6 +55,8 @@ class LightningGICLI(LightningCLI):
             callbacks.append(ReconstructionReport())
         if not any(isinstance(c, ReconstructionMonitor) for c in callbacks):
             callbacks.append(ReconstructionMonitor())
+        if not any(isinstance(c, DivergenceGuard) for c in callbacks):
+            callbacks.append(DivergenceGuard())
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
@@ -56,6 +77,7 @@ def main(args: Optional[list[str]] = None) -> LightningGICLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        save_config_callback=SaveConfigAndHparams,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
         args=args,

@@ -75,6 +75,10 @@ class GradientInversionAttack(pl.LightningModule):
         self._victim_params: list[Tensor] = []
         self._unknowns: list[nn.Parameter] = []
         self._target_gradients: list[Tensor] = []
+        self._last_logged_step = -1
+        # Multi-process: what this rank owns (lightning_gi.distributed.Shard), set in setup() by a gi_shard /
+        # gi_restarts strategy; None (the default) means this process runs the whole inversion.
+        self.shard: Optional[Any] = None
 
     # ------------------------------------------------------------------ binding the victim
     @property
@@ -102,6 +106,8 @@ class GradientInversionAttack(pl.LightningModule):
                 raise RuntimeError("the attack needs a VictimDataModule (data:) or an explicit bind(inputs)")
             dm.setup(stage)
             device = self.trainer.strategy.root_device
+            make_shard = getattr(self.trainer.strategy, "make_shard", None)  # lightning_gi.distributed strategies
+            self.shard = make_shard() if make_shard is not None else None
             self.bind(dm.attack_inputs(), device=device)
 
     def bind(self, inputs: AttackInputs, device: Optional[torch.device] = None) -> "GradientInversionAttack":
@@ -122,6 +128,8 @@ class GradientInversionAttack(pl.LightningModule):
             self.register_buffer("labels", labels.to(device))
         gen = torch.Generator().manual_seed(self.seed)
         self.create_unknowns(gen)
+        if self.shard is not None:
+            self.shard.localise_unknowns(self)  # keep this rank's restarts; validate batch sharding
         self._unknowns = [p for p in self.parameters() if p.requires_grad]
         for prior in self.priors:
             if hasattr(prior, "attach"):
@@ -137,14 +145,29 @@ class GradientInversionAttack(pl.LightningModule):
         return self.label_strategy(self.observation, self.victim)
 
     def initial_images(self, generator: torch.Generator) -> Tensor:
-        """A dummy batch in the victim's input space, drawn from ``generator`` per :attr:`init`."""
+        """A dummy batch in the victim's input space, drawn from ``generator`` per :attr:`init`.
+
+        Under batch sharding the FULL batch is drawn (the same random stream on every rank) and this rank's
+        slice (:attr:`local_slice`) is returned."""
         shape = (self.batch_size, *self.inputs.image_shape)
         if self.init == "randn":
-            return torch.randn(shape, generator=generator)
-        if self.init == "zeros":
-            return torch.zeros(shape)
-        images = torch.rand(shape, generator=generator) if self.init == "rand" else torch.full(shape, 0.5)
-        return self.inputs.to_input_space(images)
+            images = torch.randn(shape, generator=generator)
+        elif self.init == "zeros":
+            images = torch.zeros(shape)
+        else:
+            images = torch.rand(shape, generator=generator) if self.init == "rand" else torch.full(shape, 0.5)
+            images = self.inputs.to_input_space(images)
+        return images[self.local_slice]
+
+    @property
+    def batch_sharded(self) -> bool:
+        """True when the dummy batch is split over processes (see lightning_gi/distributed.py)."""
+        return self.shard is not None and self.shard.shards_batch
+
+    @property
+    def local_slice(self) -> slice:
+        """The images of the batch this process owns (all of them unless batch-sharded)."""
+        return slice(None) if self.shard is None else self.shard.batch_slice(self.batch_size)
 
     # ------------------------------------------------------------------ subclass API
     def create_unknowns(self, generator: torch.Generator) -> None:
@@ -161,13 +184,23 @@ class GradientInversionAttack(pl.LightningModule):
     # ------------------------------------------------------------------ the objective
     def victim_gradients(self, images: Tensor, targets: Tensor) -> list[Tensor]:
         """Gradient of the client's loss on the dummy batch, kept differentiable (create_graph)."""
+        reduction = "sum" if self.batch_sharded else self.loss_reduction  # sharded: sum, all-reduce, / N
+        if self.batch_sharded and targets.shape[0] != images.shape[0]:
+            targets = targets[self.local_slice]  # full-batch labels, this rank's images
         logits = self.victim(images)
         if targets.dtype == torch.long:
-            loss = nn.functional.cross_entropy(logits, targets, reduction=self.loss_reduction)
+            loss = nn.functional.cross_entropy(logits, targets, reduction=reduction)
         else:  # soft labels (DLG): cross-entropy against a distribution
             per_sample = -(targets * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
-            loss = per_sample.mean() if self.loss_reduction == "mean" else per_sample.sum()
-        return list(torch.autograd.grad(loss, self._victim_params, create_graph=True))
+            loss = per_sample.mean() if reduction == "mean" else per_sample.sum()
+        return self.reduce_gradients(list(torch.autograd.grad(loss, self._victim_params, create_graph=True)))
+
+    def reduce_gradients(self, grads: list[Tensor]) -> list[Tensor]:
+        """Hook between ``autograd.grad`` and the distance: identity in one process; batch-sharded, the
+        differentiable all-reduce of the shards' summed gradients, divided by N for a mean-reduced loss."""
+        if not self.batch_sharded:
+            return grads
+        return self.shard.reduce_gradients(grads, float(self.batch_size) if self.loss_reduction == "mean" else 1.0)
 
     def matching_distance(self, dummy_gradients: Sequence[Tensor]) -> Tensor:
         return self.distance(dummy_gradients, self._target_gradients, self.gradient_weights, self.gradient_masks)
@@ -178,8 +211,14 @@ class GradientInversionAttack(pl.LightningModule):
         for prior in self.priors:
             w = float(getattr(prior, "weight", 1.0))
             if w != 0.0:
-                terms[type(prior).__name__] = w * prior(images)
+                terms[type(prior).__name__] = w * self.evaluate_prior(prior, images)
         return terms
+
+    def evaluate_prior(self, prior: nn.Module, images: Tensor) -> Tensor:
+        """``prior(images)``; batch-sharded, the prior's value on the full batch (all-reduced, every rank)."""
+        if self.shard is None:
+            return prior(images)
+        return self.shard.evaluate_prior(prior, images, self.batch_size)
 
     def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """(total loss, matching distance, dummy images, prior terms) at the current unknowns."""
@@ -194,10 +233,22 @@ class GradientInversionAttack(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss, distance, images, terms = self.objective()
         self.update_best(distance.detach(), images.detach())
-        self.log("matching_distance", distance.detach(), prog_bar=True)
-        for name, value in terms.items():
-            self.log(f"prior/{name}", value.detach())
+        if self._should_log():
+            self.log("matching_distance", distance.detach(), prog_bar=True)
+            for name, value in terms.items():
+                self.log(f"prior/{name}", value.detach())
         return loss
+
+    def _should_log(self) -> bool:
+        """``self.log`` costs milliseconds per call (Lightning's result collection): call it only on the
+        steps the logger writes (``trainer.log_every_n_steps``), once per step even under L-BFGS."""
+        if self._trainer is None:
+            return False
+        step = self.trainer.global_step
+        if step == self._last_logged_step or step % max(1, self.trainer.log_every_n_steps):
+            return False
+        self._last_logged_step = step
+        return True
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         """Differentiate only with respect to the unknowns (not the frozen victim's parameters)."""
@@ -237,6 +288,16 @@ class GradientInversionAttack(pl.LightningModule):
 
     def best_labels(self) -> Tensor:
         return self.labels
+
+    def gather_batch(self, images: Tensor) -> Tensor:
+        """All shards of a per-image tensor, in order (identity in one process). Collective: every rank calls it."""
+        return images if self.shard is None else self.shard.gather_batch(images)
+
+    def gathered_reconstruction(self) -> dict[str, Any]:
+        """:meth:`reconstruction` over all processes: shards stitched in order, the best restart group kept.
+        Collective under a gi_shard/gi_restarts strategy: every rank must call it (rank 0 then writes)."""
+        rec = self.reconstruction()
+        return rec if self.shard is None else self.shard.gather_reconstruction(rec, self)
 
     @torch.no_grad()
     def reconstruction(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ class DLG(GradientInversionAttack):
 
     def create_unknowns(self, generator: torch.Generator) -> None:
         super().create_unknowns(generator)
-        logits = torch.randn(self.batch_size, self.inputs.num_classes, generator=generator)
+        logits = torch.randn(self.batch_size, self.inputs.num_classes, generator=generator)[self.local_slice]
         self.dummy_label_logits = nn.Parameter(logits)
         self.register_buffer("best_label_logits", logits.clone())
 

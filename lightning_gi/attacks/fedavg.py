@@ -77,10 +77,7 @@ class UnrolledUpdateMixin:
             if value is None:
                 continue
             meta[key] = ",".join(str(int(v)) for v in value) if key == "client_batch_sizes" else value
-        if self._update_overrides.get("local_batch_size") == 0:
-            meta["local_batch_size"] = 0
-        spec = UpdateSpec.from_metadata(meta, obs.batch_size)
-        return spec
+        return UpdateSpec.from_metadata(meta, obs.batch_size)
 
     def _scale(self, spec: UpdateSpec) -> float:
         return -1.0 / spec.local_lr if (self.normalize_update and spec.threat_model == "fedavg") else 1.0

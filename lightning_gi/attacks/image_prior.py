@@ -35,8 +35,9 @@ schedule is shared, which is the same schedule each would have had alone.
 
 * Seeds: restart r's images are the r-th draw from ``torch.Generator().manual_seed(seed)``, so restart 0
   equals the single-restart run with the same seed and the whole run is reproducible from ``seed``.
-* Best iterate: tracked per restart on device (``best_loss[R]``, ``best_images[R, N, ...]``), by the
-  matching distance (not the priors), as in the base class.
+* Best iterate: tracked per restart on device (``restart_best_loss[R]``, ``restart_best_images[R, N, ...]``),
+  by the matching distance (not the priors), as in the base class; ``best_loss`` / ``best_images`` keep the
+  base class's meaning (the leading restart's kept iterate) for callbacks.
 * Winner: the restart whose kept iterate has the lowest matching distance (Geiping et al.: "the restart
   with the lowest matching loss"); :meth:`reconstruction` returns it, with all restarts' losses
   (and their images when R > 1).
@@ -161,9 +162,11 @@ class ImagePriorAttack(GradientInversionAttack):
     def bind(self, inputs: Any, device: Optional[torch.device] = None) -> "ImagePriorAttack":
         super().bind(inputs, device=device)
         dev = self.dummy_images.device
-        # per-restart best iterate (replaces the base class's single-batch buffers)
-        self.register_buffer("best_loss", torch.full((self.restarts,), float("inf"), device=dev))
-        self.register_buffer("best_images", self.dummy_images.detach().clone())
+        # per-restart best iterates; the base class's ``best_loss`` / ``best_images`` keep their meaning
+        # (the overall best: the leading restart's kept iterate) for callbacks that read them
+        self.register_buffer("restart_best_loss", torch.full((self.restarts,), float("inf"), device=dev))
+        self.register_buffer("restart_best_images", self.dummy_images.detach().clone())
+        self.register_buffer("best_images", self.dummy_images.detach()[0].clone())
         low, high = box_bounds(self.inputs.mean.to(dev), self.inputs.std.to(dev))
         self.register_buffer("box_low", low, persistent=False)
         self.register_buffer("box_high", high, persistent=False)
@@ -171,7 +174,7 @@ class ImagePriorAttack(GradientInversionAttack):
 
     def leading_restart(self) -> Tensor:
         """Index (0-d tensor, no host sync) of the restart with the lowest kept matching distance."""
-        return torch.argmin(self.best_loss)
+        return torch.argmin(self.restart_best_loss)
 
     def dummy_batch(self) -> tuple[Tensor, Tensor]:
         """The current images of the leading restart (what monitors show) and the labels."""
@@ -238,9 +241,14 @@ class ImagePriorAttack(GradientInversionAttack):
     # ------------------------------------------------------------------ best iterate and outputs
     def update_best(self, distance: Tensor, images: Tensor) -> None:
         """Per restart: keep the iterate with the lowest matching distance (NaN never wins); no host sync."""
-        better = distance < self.best_loss
-        self.best_loss = torch.where(better, distance, self.best_loss)
-        self.best_images = torch.where(better.view(-1, *([1] * (images.dim() - 1))), images, self.best_images)
+        better = distance < self.restart_best_loss
+        self.restart_best_loss = torch.where(better, distance, self.restart_best_loss)
+        self.restart_best_images = torch.where(
+            better.view(-1, *([1] * (images.dim() - 1))), images, self.restart_best_images
+        )
+        leader = self.leading_restart()
+        self.best_loss = self.restart_best_loss[leader]
+        self.best_images = self.restart_best_images[leader]
 
     def evaluate_final_iterate(self) -> None:
         with torch.inference_mode(False), torch.enable_grad():
@@ -254,14 +262,14 @@ class ImagePriorAttack(GradientInversionAttack):
     def reconstruction(self) -> dict[str, Any]:
         """The winning restart's best iterate in [0, 1] image space, its labels, and every restart's loss."""
         winner = int(self.leading_restart())
-        images = self.inputs.to_image_space(self.best_images[winner]).clamp(0, 1)
+        images = self.inputs.to_image_space(self.restart_best_images[winner]).clamp(0, 1)
         out: dict[str, Any] = {
             "images": images.detach().cpu().float(),
             "labels": self.best_labels().detach().cpu().long(),
-            "matching_distance": float(self.best_loss[winner]),
+            "matching_distance": float(self.restart_best_loss[winner]),
             "best_restart": winner,
-            "restart_losses": [float(v) for v in self.best_loss],
+            "restart_losses": [float(v) for v in self.restart_best_loss],
         }
         if self.restarts > 1:
-            out["restart_images"] = self.inputs.to_image_space(self.best_images).clamp(0, 1).detach().cpu().float()
+            out["restart_images"] = self.inputs.to_image_space(self.restart_best_images).clamp(0, 1).detach().cpu().float()
         return out

@@ -53,6 +53,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _sharded(pl_module: pl.LightningModule) -> bool:
+    """True when the attack runs split over processes (lightning_gi.distributed): gathers are collective."""
+    return getattr(pl_module, "shard", None) is not None
+
+
 class ReconstructionReport(pl.Callback):
     """Saves the best reconstruction periodically and, at the end, the image grid and metrics.
 
@@ -70,22 +75,28 @@ class ReconstructionReport(pl.Callback):
         self.output_dir: Optional[str] = None
 
     def _save_reconstruction(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        rec = pl_module.reconstruction()
+        # Under a gi_shard/gi_restarts strategy every rank takes part in the gather; only rank 0 writes.
+        gather = getattr(pl_module, "gathered_reconstruction", None)
+        rec = gather() if gather is not None else pl_module.reconstruction()
         rec["step"] = int(trainer.global_step)
-        save_atomic(rec, os.path.join(run_dir(trainer), "reconstruction.pt"))
+        if trainer.is_global_zero:
+            save_atomic(rec, os.path.join(run_dir(trainer), "reconstruction.pt"))
         return rec
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if self.save_every_n_steps and step % self.save_every_n_steps == 0 and trainer.is_global_zero:
+        if self.save_every_n_steps and step % self.save_every_n_steps == 0 and (trainer.is_global_zero or _sharded(pl_module)):
             self._save_reconstruction(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _sharded(pl_module):
+            rec = self._save_reconstruction(trainer, pl_module)  # collective: all ranks
         if not trainer.is_global_zero:
             return
         out = run_dir(trainer)
         self.output_dir = out
-        rec = self._save_reconstruction(trainer, pl_module)
+        if not _sharded(pl_module):
+            rec = self._save_reconstruction(trainer, pl_module)
         dm = trainer.datamodule
         gt = dm.ground_truth() if dm is not None and hasattr(dm, "ground_truth") else None
         save_image(comparison_grid(rec["images"], None if gt is None else gt.images), os.path.join(out, "reconstruction.png"))

@@ -423,7 +423,7 @@ class ThreatModelVictim(VictimDataModule):
             shared, bufs = self.client.compute(self.model, inputs[sl], labels[sl], client_index=k)
             gen = None
             seeds = [d.seed for d in self.defenses if d.seed is not None]
-            if seeds:  # independent, reproducible noise per client
+            if seeds and self.num_clients > 1:  # independent, reproducible noise per client
                 gen = torch.Generator().manual_seed(int(seeds[0]) * 1000003 + k)
             shared = apply_defenses(self.defenses, shared, gen)
             total = shared if total is None else [a + b for a, b in zip(total, shared)]

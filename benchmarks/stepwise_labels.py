@@ -1,0 +1,121 @@
+"""Issue-5 bar: label COUNTS of batches with repeated labels (Ye et al. 2024, Stage I).
+
+Private batches are drawn from the bundled real photographs with repeated labels (8 images from 3 classes,
+16 from 5, 32 from 8, 64 from 10), on a torchvision ResNet-18 with a 1000-class head (as ImageNet: the
+softmax of an early-training network is ~1/1000 per class, the paper's assumption) in two states:
+
+* ``untrained``: random init, BN running statistics from bundled photographs (eval mode);
+* ``trained``: the same network briefly trained (SGD) on bundled photographs.
+
+Strategies (exact-multiset accuracy = the recovered multiset of labels equals the true one):
+
+* ``evolutionary``: :class:`EvolutionaryLabelCounts`, auxiliary statistics from 40 crops of the bundled
+  photographs (other crops than the batch's, seed 1); ``evolutionary_textures``: statistics from
+  scikit-image images that are not among the photographs (disjoint public data);
+* ``coarse_uniform`` / ``coarse_magnitude``: the coarse classes with equal counts / counts proportional to
+  the negative row means (no auxiliary data);
+* ``idlg_batch``: IDLGLabels' batch rule (the N most negative rows, distinct labels by construction).
+
+Also reported: whether the coarse class SET is right, and the mean L1 error of the counts.
+
+    OMP_NUM_THREADS=1 python benchmarks/stepwise_labels.py [--size 32] [--trials 10] [--train-steps 150]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import single_thread, write_json
+
+MEAN = [0.485, 0.456, 0.406]
+STD = [0.229, 0.224, 0.225]
+CASES = [(8, 3), (16, 5), (32, 8), (64, 10)]
+
+
+def briefly_trained(model, photos, steps: int, seed: int = 0):
+    """SGD (lr 0.01, momentum 0.9, batch 32) on the bundled photographs; returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.tensor(MEAN).view(-1, 1, 1)
+    s = torch.tensor(STD).view(-1, 1, 1)
+    x_all = (photos.images - m) / s
+    y_all = torch.tensor(photos.targets)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(y_all), (32,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(x_all[:256]).argmax(1) == y_all[:256]).float().mean())
+    return model, float(loss), acc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--model", default="resnet18")
+    args = parser.parse_args()
+    single_thread()
+
+    from lightning_gi.labels import CoarseLabelCounts, EvolutionaryLabelCounts, IDLGLabels
+    from lightning_gi.observation import capture_observation
+    from lightning_gi.victim.calibration import bn_calibrated_classifier
+    from lightning_gi.victim.data import BundledPhotographs, select_batch
+
+    photos = BundledPhotographs(image_size=args.size, crops_per_photo=16)
+    train_photos = BundledPhotographs(image_size=args.size, crops_per_photo=16, seed=3)
+    m = torch.tensor(MEAN).view(-1, 1, 1)
+    s = torch.tensor(STD).view(-1, 1, 1)
+    out: dict = {"args": vars(args), "cases": [f"{n} images / {k} classes" for n, k in CASES], "models": {}}
+    for state in ("untrained", "trained"):
+        model = bn_calibrated_classifier(args.model, 1000, image_size=args.size, mean=MEAN, std=STD, seed=0)
+        info = {}
+        if state == "trained":
+            model, loss, acc = briefly_trained(model, train_photos, args.train_steps)
+            info = {"train_steps": args.train_steps, "final_loss": loss, "train_accuracy": acc}
+        strategies = {
+            "evolutionary": EvolutionaryLabelCounts(image_size=args.size, mean=MEAN, std=STD),
+            "evolutionary_textures": EvolutionaryLabelCounts(image_size=args.size, mean=MEAN, std=STD, aux_source="textures"),
+            "coarse_uniform": CoarseLabelCounts("uniform"),
+            "coarse_magnitude": CoarseLabelCounts("magnitude"),
+            "idlg_batch": IDLGLabels(),
+        }
+        for name, strat in strategies.items():
+            if isinstance(strat, EvolutionaryLabelCounts):
+                strat.statistics(model)  # once per model, not timed per batch
+        table: dict = {}
+        for n, k in CASES:
+            row = {name: {"exact": 0, "class_set": 0, "count_l1": 0.0, "seconds": 0.0} for name in strategies}
+            for trial in range(args.trials):
+                x, y, _ = select_batch(photos, n, seed=1000 * n + trial, label_mode="repeated", num_distinct=k)
+                obs = capture_observation(model, (x - m) / s, y)
+                true_counts = torch.bincount(y, minlength=1000)
+                for name, strat in strategies.items():
+                    t0 = time.perf_counter()
+                    labels = strat(obs, model)
+                    row[name]["seconds"] += time.perf_counter() - t0
+                    counts = torch.bincount(labels, minlength=1000)
+                    row[name]["exact"] += int(torch.equal(counts, true_counts))
+                    row[name]["class_set"] += int(torch.equal(counts > 0, true_counts > 0))
+                    row[name]["count_l1"] += float((counts - true_counts).abs().sum())
+            for name in strategies:
+                r = row[name]
+                r["exact"] /= args.trials
+                r["class_set"] /= args.trials
+                r["count_l1"] /= args.trials
+                r["seconds"] /= args.trials
+            table[f"{n}/{k}"] = row
+            print(state, f"N={n} K={k}", {name: (r["exact"], r["class_set"], round(r["count_l1"], 2)) for name, r in row.items()}, flush=True)
+        out["models"][state] = {"info": info, "results": table}
+    write_json(f"stepwise_labels_{args.model}_{args.size}px", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Vectorised restarts: R restarts of a small victim evaluated as ONE batched computation.
+
+:class:`~lightning_gi.attacks.ImagePriorAttack` evaluates its R restarts one after the other (R victim
+forwards, R ``autograd.grad`` calls, R graphs). For small victims (the sigmoid LeNet, CIFAR-size ResNets) and
+many-restart recipes that is dominated by per-call overhead. Here the R restarts run together:
+
+* the victim's parameters are expanded to R copies ``P[r]`` (stride-0 views, no memory per copy) and the
+  forward is ``torch.func.vmap`` over restarts of ``torch.func.functional_call(victim, P[r], x[r])``: one
+  grouped convolution / batched matmul per layer for all restarts;
+* ``autograd.grad(sum_r L_r, P, create_graph=True)`` gives every restart's parameter gradient at once
+  (``[R, ...]`` per tensor): ``L_r`` depends only on ``P[r]`` and ``x[r]``, so slice r is exactly restart r's
+  gradient, and differentiating ``sum_r D_r`` with respect to ``x`` gives each restart its own gradient;
+* the distances are vmapped over restarts too (a loop when a distance cannot be vmapped), priors loop.
+
+Same objective, same trajectories as the sequential restarts (``tests/test_distributed.py`` checks losses and
+iterates), same best-iterate/winner logic. Composes with batch sharding (``gi_shard``: the stacked gradients
+are all-reduced by the same hook) and with restarts over ranks (each rank vectorises its own restarts).
+
+Limits: the victim must be in eval mode (BatchNorm batch statistics cannot be taken per restart inside vmap)
+and the BN-statistics prior is not supported (its forward hooks cannot see one restart at a time under vmap):
+use the sequential :class:`ImagePriorAttack` for those. Memory grows with R like the sequential version's.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from ..objectives.priors import BNStatisticsPrior
+from .image_prior import ImagePriorAttack
+from .inverting import InvertingGradients
+
+__all__ = ["VectorisedRestartsMixin", "VectorisedRestartsAttack", "VectorisedInvertingGradients", "restart_gradients"]
+
+
+def restart_gradients(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    params: Optional[list[Tensor]] = None,
+    reduction: str = "mean",
+) -> list[Tensor]:
+    """Per-restart client gradients of ``model`` for ``images [R, N, ...]`` and hard ``targets [N]``, as one
+    batched computation; returns one ``[R, *param.shape]`` tensor per parameter, differentiable (create_graph)."""
+    named = list(model.named_parameters())
+    names = [n for n, _ in named]
+    params = [p for _, p in named] if params is None else params
+    r = images.shape[0]
+    stacked = [p.detach().unsqueeze(0).expand(r, *p.shape).requires_grad_(True) for p in params]
+
+    def forward(ps: tuple[Tensor, ...], x: Tensor) -> Tensor:
+        return functional_call(model, dict(zip(names, ps)), (x,))
+
+    logits = vmap(forward)(tuple(stacked), images)  # [R, N, classes]
+    per_sample = nn.functional.cross_entropy(logits.flatten(0, 1), targets.repeat(r), reduction="none")
+    per_restart = per_sample.view(r, -1)
+    loss = (per_restart.mean(dim=1) if reduction == "mean" else per_restart.sum(dim=1)).sum()
+    return list(torch.autograd.grad(loss, stacked, create_graph=True))
+
+
+class VectorisedRestartsMixin:
+    """Replaces :class:`ImagePriorAttack`'s per-restart loop by one batched computation (module docs)."""
+
+    _vmap_distance: Optional[bool] = None
+
+    def _check_vectorisable(self) -> None:
+        for prior in self.priors:  # type: ignore[attr-defined]
+            if isinstance(prior, BNStatisticsPrior):
+                raise ValueError(
+                    "vectorised restarts do not support BNStatisticsPrior (its hooks cannot see one restart at a "
+                    "time under vmap): use the sequential ImagePriorAttack / GradInversion"
+                )
+
+    def bind(self, inputs: Any, device: Optional[torch.device] = None) -> Any:
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in inputs.model.modules()):
+            raise ValueError("vectorised restarts need the victim in eval mode (BatchNorm in train mode found)")
+        self._check_vectorisable()
+        return super().bind(inputs, device=device)  # type: ignore[misc]
+
+    def stacked_victim_gradients(self, images: Tensor) -> list[Tensor]:
+        """``[R, ...]`` gradient per victim parameter for ``images [R, n, C, H, W]`` (reduced over shards)."""
+        targets = self.labels  # type: ignore[attr-defined]
+        if self.batch_sharded and targets.shape[0] != images.shape[1]:  # type: ignore[attr-defined]
+            targets = targets[self.local_slice]  # type: ignore[attr-defined]
+        reduction = "sum" if self.batch_sharded else self.loss_reduction  # type: ignore[attr-defined]
+        grads = restart_gradients(self.victim, images, targets, self._victim_params, reduction)  # type: ignore[attr-defined]
+        return self.reduce_gradients(grads)  # type: ignore[attr-defined]
+
+    def restart_distances(self, grads: list[Tensor]) -> Tensor:
+        """Matching distance of every restart, ``[R]`` (vmapped; a loop if the distance cannot be vmapped)."""
+        match = self.matching_distance  # type: ignore[attr-defined]
+        if self._vmap_distance is not False:
+            try:
+                out = vmap(lambda *g: match(list(g)))(*grads)
+                self._vmap_distance = True
+                return out
+            except Exception:  # data-dependent Python control flow in a custom distance
+                if self._vmap_distance:
+                    raise
+                self._vmap_distance = False
+        return torch.stack([match([g[r] for g in grads]) for r in range(grads[0].shape[0])])
+
+    def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        images = self.dummy_images  # type: ignore[attr-defined]
+        distances = self.restart_distances(self.stacked_victim_gradients(images))
+        total = distances.sum()
+        terms_sum: dict[str, Tensor] = {}
+        for r in range(images.shape[0]):
+            for name, value in self.prior_terms(images[r]).items():  # type: ignore[attr-defined]
+                terms_sum[name] = value if name not in terms_sum else terms_sum[name] + value
+        for value in terms_sum.values():
+            total = total + value
+        return total, distances, images, terms_sum
+
+    def evaluate_final_iterate(self) -> None:
+        with torch.inference_mode(False), torch.enable_grad():
+            grads = self.stacked_victim_gradients(self.dummy_images)  # type: ignore[attr-defined]
+            distances = self.restart_distances([g.detach() for g in grads]).detach()
+        self.update_best(distances, self.dummy_images.detach())  # type: ignore[attr-defined]
+
+
+class VectorisedRestartsAttack(VectorisedRestartsMixin, ImagePriorAttack):
+    """:class:`ImagePriorAttack` (same arguments) with its restarts evaluated as one batched computation."""
+
+
+class VectorisedInvertingGradients(VectorisedRestartsMixin, InvertingGradients):
+    """:class:`InvertingGradients` (same arguments and defaults) with vectorised restarts."""

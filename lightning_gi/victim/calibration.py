@@ -1,0 +1,84 @@
+"""An offline stand-in for a pretrained victim: BatchNorm running statistics from real photographs.
+
+Without pretrained weights (no downloads here) an untrained torchvision ResNet has BN running statistics
+of 0 / 1, which makes the BN-statistics prior (GradInversion, Ye et al. 2024) meaningless. This factory
+keeps the random weights but re-estimates every BN layer's running mean/variance on the bundled real
+photographs (the cumulative average over a few forward passes in train mode), so the prior has real
+image statistics to pull towards. With ``weights_path`` the pretrained file is loaded instead and nothing
+is re-estimated (a pretrained model already carries its training set's statistics).
+
+Config use (``data.init_args.model``)::
+
+    model:
+      class_path: lightning_gi.victim.calibration.bn_calibrated_classifier
+      init_args: {name: resnet18, num_classes: 14, image_size: 64, seed: 0}
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .models import reinitialise, torchvision_classifier
+
+__all__ = ["bn_calibrated_classifier", "calibrate_batchnorm"]
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 16) -> nn.Module:
+    """Replace every BN layer's running statistics by their cumulative average over ``images`` (input space)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    was_training = model.training
+    model.train()
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            chunk = images[start : start + batch_size]
+            if chunk.shape[0] > 1:
+                model(chunk)
+    finally:
+        for m, (momentum, _) in zip(bns, saved):
+            m.momentum = momentum
+        model.train(was_training)
+    return model
+
+
+def bn_calibrated_classifier(
+    name: str = "resnet18",
+    num_classes: int = 14,
+    image_size: int = 64,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    seed: int = 0,
+    weights_path: Optional[str] = None,
+    crops_per_photo: int = 6,
+    calibration_seed: int = 7,
+) -> nn.Module:
+    """A torchvision classifier (random init drawn from ``seed``) whose BN statistics come from real photos.
+
+    The calibration images are random crops of the bundled photographs (``calibration_seed``, not the seed
+    a victim's private batch is cut with), normalised with ``mean``/``std`` (default ImageNet's; use the
+    victim DataModule's values). With ``weights_path`` the file is loaded and no calibration happens.
+    Returned in eval mode.
+    """
+    model = torchvision_classifier(name, num_classes=num_classes, weights_path=weights_path)
+    if weights_path is not None:
+        return model.eval()
+    reinitialise(model, seed)
+    from .data import BundledPhotographs
+
+    photos = BundledPhotographs(image_size=image_size, channels=3, crops_per_photo=crops_per_photo, seed=calibration_seed)
+    gen = torch.Generator().manual_seed(calibration_seed)
+    images = photos.images[torch.randperm(len(photos), generator=gen)] if hasattr(photos, "images") else torch.stack(
+        [photos[i][0] for i in torch.randperm(len(photos), generator=gen).tolist()]
+    )
+    m = torch.tensor(list(mean if mean is not None else _IMAGENET_MEAN), dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(list(std if std is not None else _IMAGENET_STD), dtype=torch.float32).view(-1, 1, 1)
+    return calibrate_batchnorm(model, (images.float() - m) / s).eval()
