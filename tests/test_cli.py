@@ -48,6 +48,7 @@ def test_print_config_round_trip(tmp_path, config):
 @pytest.mark.parametrize("config", FOUNDATION_CONFIGS)
 def test_short_run_writes_outputs(tmp_path, config):
     cfg = yaml.safe_load((ROOT / config).read_text())
+    cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if "ProgressBar" not in c["class_path"]]
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("ReconstructionMonitor"):
             cb["init_args"]["every_n_steps"] = 2

@@ -150,6 +150,8 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("_codecs", "encode"): _codecs_encode,
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
+        ("__builtin__", "set"): set,  # protocol-2 pickles name builtins the Python 2 way
+        ("__builtin__", "frozenset"): frozenset,
     }
     return table
 

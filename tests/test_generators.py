@@ -1,0 +1,161 @@
+"""StyleGAN2 / DCGAN generators and the registry."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_gi.checkpoints import MissingCheckpointError
+from lightning_gi.generators import DCGANGenerator, StyleGAN2Generator, create_generator, get_generator_config, list_generators
+from lightning_gi.generators.stylegan2 import conv2d_resample, setup_filter, upfirdn2d, upsample2d
+
+SYN = dict(channel_base=256, channel_max=32)
+
+
+def small(res: int, **kw) -> StyleGAN2Generator:
+    torch.manual_seed(0)
+    return StyleGAN2Generator(z_dim=16, w_dim=16, img_resolution=res, mapping_kwargs=dict(num_layers=2), synthesis_kwargs={**SYN, **kw}).eval()
+
+
+@pytest.mark.parametrize("res", [4, 8, 16, 32])
+@pytest.mark.parametrize("architecture", ["skip", "resnet", "orig"])
+def test_stylegan2_forward_shapes_and_ranges(res, architecture):
+    g = small(res, architecture=architecture)
+    assert g.num_ws == 2 * int(math.log2(res)) - 2
+    z = torch.randn(3, 16)
+    img = g(z)
+    assert img.shape == (3, 3, res, res) and img.dtype == torch.float32
+    assert torch.isfinite(img).all()
+    # an untrained generator is not range-limited, but stays O(1); a clamp bounds every layer
+    assert img.abs().max() < 50
+    clamped = small(res, architecture=architecture, conv_clamp=0.5)(z)
+    assert torch.isfinite(clamped).all()
+    # images differ across latents
+    assert (img[0] - img[1]).abs().max() > 1e-4
+
+
+def test_official_parameter_names_and_shapes():
+    g = small(8)
+    sd = g.state_dict()
+    expected = {
+        "mapping.fc0.weight": (16, 16),
+        "mapping.fc1.bias": (16,),
+        "mapping.w_avg": (16,),
+        "synthesis.b4.const": (32, 4, 4),
+        "synthesis.b4.resample_filter": (4, 4),
+        "synthesis.b4.conv1.weight": (32, 32, 3, 3),
+        "synthesis.b4.conv1.noise_strength": (),
+        "synthesis.b4.conv1.noise_const": (4, 4),
+        "synthesis.b4.conv1.affine.weight": (32, 16),
+        "synthesis.b4.torgb.weight": (3, 32, 1, 1),
+        "synthesis.b8.conv0.weight": (32, 32, 3, 3),
+        "synthesis.b8.conv0.noise_const": (8, 8),
+        "synthesis.b8.conv0.resample_filter": (4, 4),
+        "synthesis.b8.torgb.affine.bias": (32,),
+    }
+    for k, shape in expected.items():
+        assert tuple(sd[k].shape) == shape, k
+    assert not any(".skip." in k for k in sd)
+    assert any(".skip." in k for k in small(8, architecture="resnet").state_dict())
+    # channels per resolution: min(channel_base // res, channel_max)
+    g2 = StyleGAN2Generator(z_dim=8, w_dim=8, img_resolution=32, synthesis_kwargs=dict(channel_base=512, channel_max=64))
+    assert g2.synthesis.b32.conv1.weight.shape[0] == 16 and g2.synthesis.b8.conv1.weight.shape[0] == 64
+    # equalised lr: stored weights unscaled, mapping lr_mul 0.01 -> gains
+    assert g.mapping.fc0.weight_gain == pytest.approx(0.01 / 4) and g.mapping.fc0.bias_gain == 0.01
+
+
+def test_truncation_psi_zero_gives_w_avg():
+    g = small(16)
+    with torch.no_grad():
+        g.mapping.w_avg.normal_()
+    z = torch.randn(4, 16)
+    ws = g.mapping(z, truncation_psi=0.0)
+    assert torch.allclose(ws, g.mapping.w_avg.expand_as(ws))
+    cut = g.mapping(z, truncation_psi=0.0, truncation_cutoff=2)
+    assert torch.allclose(cut[:, :2], g.mapping.w_avg.expand(4, 2, 16))
+    assert not torch.allclose(cut[:, 2:], g.mapping.w_avg.expand(4, g.num_ws - 2, 16))
+    half = g.mapping(z, truncation_psi=0.5)
+    full = g.mapping(z)
+    assert torch.allclose(half, g.mapping.w_avg + 0.5 * (full - g.mapping.w_avg), atol=1e-6)
+    # the mapping network is not moving w_avg in eval or train mode unless asked
+    before = g.mapping.w_avg.clone()
+    g.train()(z)
+    assert torch.equal(before, g.mapping.w_avg)
+
+
+def test_noise_modes_and_latent_spaces():
+    g = small(8)
+    with torch.no_grad():
+        for name, p in g.named_parameters():
+            if name.endswith("noise_strength"):
+                p.fill_(0.5)
+    ws = g.mapping(torch.randn(2, 16))
+    a, b = g.synthesis(ws, noise_mode="const"), g.synthesis(ws, noise_mode="const")
+    assert torch.equal(a, b)
+    r1, r2 = g.synthesis(ws, noise_mode="random"), g.synthesis(ws, noise_mode="random")
+    assert not torch.equal(r1, r2)
+    none = g.synthesis(ws, noise_mode="none")
+    assert not torch.equal(none, a)
+    with pytest.raises(ValueError):
+        g.synthesis(ws, noise_mode="bogus")
+    g.noise_mode = "none"
+    assert torch.equal(g.synthesis(ws), none)
+    for space, shape in (("z", (3, 16)), ("w", (3, 16)), ("w+", (3, g.num_ws, 16))):
+        lat = g.sample_latents(3, space, generator=torch.Generator().manual_seed(0))
+        assert lat.shape == shape
+        assert g.to_synthesis_input(lat, space).shape == (3, g.num_ws, 16)
+    w = g.sample_latents(2, "w", truncation_psi=0.0)
+    assert torch.allclose(w, g.mapping.w_avg.expand(2, 16))
+
+
+def test_upsampling_fast_path_matches_reference():
+    """The transposed-conv path equals the generic one (zero insertion, pad, FIR, conv with a flipped kernel)."""
+    torch.manual_seed(0)
+    f = setup_filter([1, 3, 3, 1])
+    x = torch.randn(2, 3, 5, 5)
+    w = torch.randn(4, 3, 3, 3)
+    fast = conv2d_resample(x, w, f=f, up=2, padding=1, flip_weight=False)
+    # reference: padding per the official code (px0 = 1 + 2, px1 = 1 + 1), gain up^2, then correlation with flipped w
+    ref = F.conv2d(upfirdn2d(x, f, up=2, padding=[3, 2, 3, 2], gain=4), w.flip([2, 3]))
+    assert fast.shape == (2, 4, 10, 10)
+    assert torch.allclose(fast, ref, atol=1e-5)
+    # upsample2d of a constant keeps the constant (filter gain) away from the borders
+    up = upsample2d(torch.ones(1, 1, 6, 6), f)
+    assert up.shape == (1, 1, 12, 12) and torch.allclose(up[..., 2:-2, 2:-2], torch.ones(1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("res", [32, 64])
+def test_dcgan_shapes_and_range(res):
+    torch.manual_seed(0)
+    g = DCGANGenerator(res, z_dim=20, ngf=8).eval()
+    out = g(torch.randn(3, 20) * 10)
+    assert out.shape == (3, 3, res, res)
+    assert out.min() >= -1 and out.max() <= 1
+    assert g.sample_latents(2).shape == (2, 20)
+    with pytest.raises(ValueError):
+        g.latent_shape("w")
+    with pytest.raises(ValueError):
+        DCGANGenerator(48)
+    names = list(g.state_dict())
+    assert names[0] == "main.0.weight"
+
+
+def test_registry_lists_public_variants_and_configs():
+    names = list_generators()
+    for n in ("stylegan2", "dcgan32", "dcgan64", "stylegan2_ffhq1024", "stylegan2_ffhq256", "stylegan2_cifar10", "stylegan2_imagenet64", "dcgan_photos32"):
+        assert n in names
+    assert "dcgan32" not in list_generators(pretrained=True)
+    cfg = get_generator_config("stylegan2_cifar10")
+    assert cfg.resolution == 32 and cfg.c_dim == 10 and cfg.file == "cifar10.pkl" and cfg.output_range == (-1.0, 1.0)
+    assert get_generator_config("stylegan2_ffhq1024").file == "ffhq.pkl"
+    assert get_generator_config("stylegan2_imagenet64").resolution == 64
+    with pytest.raises(ValueError, match="unknown generator"):
+        create_generator("nope")
+    g = create_generator("dcgan32", z_dim=10, ngf=4)
+    assert g(torch.randn(1, 10)).shape == (1, 3, 32, 32) and not g.training
+    s = create_generator("stylegan2", img_resolution=8, z_dim=8, w_dim=8, synthesis_kwargs=dict(channel_base=64, channel_max=16))
+    assert s(torch.randn(1, 8)).shape == (1, 3, 8, 8)
+    with pytest.raises(MissingCheckpointError, match="checkpoints/README.md"):
+        create_generator("dcgan_photos32", pretrained=True)

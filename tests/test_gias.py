@@ -1,0 +1,140 @@
+"""GIAS (latent then parameter search) and GIML (meta-learned generator) on tiny cases."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_gi.attacks import GIAS, GIML, GradientTasks
+from lightning_gi.checkpoints import MissingCheckpointError
+from lightning_gi.generators import DCGANGenerator, StyleGAN2Generator, create_generator
+from lightning_gi.labels import SharedLabels
+from lightning_gi.victim import TensorBatchVictim
+from lightning_gi.victim.models import LeNet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_dcgan(seed: int = 0) -> DCGANGenerator:
+    torch.manual_seed(seed)
+    return DCGANGenerator(32, z_dim=8, ngf=4).eval()
+
+
+def victim_batch(gen: torch.nn.Module, n: int = 2, seed: int = 1, size: int = 32) -> TensorBatchVictim:
+    """Private images the generator can express (its own samples), on a small LeNet."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        z = torch.randn(n, gen.z_dim)
+        x = (gen(z) + 1) / 2
+        if x.shape[-1] != size:
+            x = torch.nn.functional.adaptive_avg_pool2d(x, size)
+    model = LeNet(num_classes=4, image_size=size)
+    return TensorBatchVictim(model, x, torch.arange(n) % 4, share_labels=True)
+
+
+def fit(attack, dm, lean_trainer_kwargs, max_steps=-1):
+    trainer = pl.Trainer(max_steps=max_steps, **lean_trainer_kwargs)
+    trainer.fit(attack, datamodule=dm)
+    return trainer
+
+
+def test_gias_dcgan_tiny_lowers_loss_and_switches_phase(lean_trainer_kwargs):
+    gen = tiny_dcgan()
+    dm = victim_batch(gen)
+    attack = GIAS(generator=gen, latent_steps=15, param_steps=10, restarts=2, latent_lr=0.05, param_lr=1e-3, label_strategy=SharedLabels(), seed=3)
+    dm.setup()
+    attack.bind(dm.attack_inputs())
+    with torch.enable_grad():
+        _, d0, _, _ = attack.objective()
+    initial = float(d0.min())
+    base_before = {k: v.clone() for k, v in gen.state_dict().items()}
+    copies_before = [p.clone() for p in attack.synthesis_copies.parameters()]
+
+    trainer = fit(attack, dm, lean_trainer_kwargs)
+    assert attack.step_count == 25 and attack.phase == "parameter" and trainer.global_step == 25
+    rec = attack.reconstruction()
+    assert rec["images"].shape == (2, 3, 32, 32) and rec["latent_phase_images"].shape == (2, 3, 32, 32)
+    assert len(rec["restart_losses"]) == 2
+    assert rec["latent_phase_matching_distance"] < initial
+    assert rec["matching_distance"] <= rec["latent_phase_matching_distance"]
+    # the shared generator is frozen, the per-image copies were trained, the latents were fixed in phase 2
+    for k, v in gen.state_dict().items():
+        assert torch.equal(v, base_before[k]), k
+    assert any(not torch.equal(a, b) for a, b in zip(copies_before, attack.synthesis_copies.parameters()))
+    assert len(attack.synthesis_copies) == 2
+    assert not attack.latents.requires_grad
+
+
+def test_gias_latent_only_and_stylegan2_wplus_pooled(lean_trainer_kwargs):
+    torch.manual_seed(0)
+    sg = StyleGAN2Generator(z_dim=8, w_dim=8, img_resolution=16, mapping_kwargs=dict(num_layers=2), synthesis_kwargs=dict(channel_base=64, channel_max=8)).eval()
+    dm = victim_batch(sg, n=2, size=8)  # 16x16 generator output average-pooled to the 8x8 victim
+    attack = GIAS(generator=sg, latent_space="w+", latent_steps=4, param_steps=3, restarts=1, label_strategy=SharedLabels())
+    fit(attack, dm, lean_trainer_kwargs)
+    assert attack.latents.shape == (1, 2, sg.num_ws, 8)
+    assert attack.fixed_input.shape == (2, sg.num_ws, 8)
+    assert attack.reconstruction()["images"].shape == (2, 3, 8, 8)
+    gen = tiny_dcgan()
+    only = GIAS(generator=gen, latent_steps=5, param_steps=0, label_strategy=SharedLabels())
+    fit(only, victim_batch(gen), lean_trainer_kwargs)
+    assert only.step_count == 5 and only.phase == "latent" and len(only.synthesis_copies) == 0
+    assert only.reconstruction()["matching_distance"] == pytest.approx(only.reconstruction()["latent_phase_matching_distance"])
+    with pytest.raises(ValueError, match="latent spaces"):
+        GIAS(generator=gen, latent_space="w").bind(victim_batch(gen).attack_inputs())
+
+
+def test_gias_generator_from_registry_file(tmp_path, lean_trainer_kwargs):
+    from lightning_gi.generators import save_generator
+
+    path = save_generator(tiny_dcgan(), tmp_path / "g.pt")
+    attack = GIAS(generator="dcgan_photos32", checkpoint_path=str(path), latent_steps=2, param_steps=2, label_strategy=SharedLabels())
+    fit(attack, victim_batch(tiny_dcgan()), lean_trainer_kwargs)
+    assert attack.generator.z_dim == 8
+    with pytest.raises(MissingCheckpointError, match="dcgan_photos32.pt"):
+        GIAS(generator="dcgan_photos32")
+
+
+def test_imagenet_config_fails_clearly_without_generator(tmp_path):
+    from lightning_gi.cli import main
+
+    with pytest.raises(MissingCheckpointError, match="stylegan2_imagenet64.pkl"):
+        main(["fit", "--config", str(ROOT / "configs/gias_imagenet64_resnet18.yaml"), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
+
+
+def test_demo_config_parses():
+    from lightning_gi.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(ROOT / "configs/gias_dcgan_demo.yaml"), "--print_config"])
+    assert info.value.code in (0, None)
+
+
+def test_giml_outer_update_moves_generator(tmp_path, lean_trainer_kwargs):
+    dm = GradientTasks(LeNet(num_classes=14), image_shape=(3, 32, 32), batch_size=2, num_tasks=3)
+    torch.manual_seed(0)
+    giml = GIML("dcgan32", generator_kwargs=dict(z_dim=8, ngf=4), latent_steps=2, adapt_steps=3, generator_out=str(tmp_path / "giml.pt"))
+    before = {k: v.clone() for k, v in giml.generator.named_parameters()}
+    fit(giml, dm, lean_trainer_kwargs, max_steps=2)
+    assert giml.meta_steps == 2
+    moved = [k for k, v in giml.generator.named_parameters() if not torch.equal(v, before[k])]
+    assert len(moved) == len(before)
+    # the written generator is the meta-learned one and GIAS can load it
+    loaded = create_generator("dcgan_giml32", checkpoint_path=str(tmp_path / "giml.pt"))
+    z = torch.randn(2, 8)
+    assert torch.equal(loaded(z), giml.generator.eval()(z))
+
+
+def test_giml_meta_step_moves_towards_adapted_weights():
+    torch.manual_seed(0)
+    giml = GIML("dcgan32", generator_kwargs=dict(z_dim=8, ngf=4), latent_steps=1, adapt_steps=1, generator_out=None, meta_lr=1e-2)
+    opt = torch.optim.Adam(giml.generator.parameters(), lr=1e-2)
+    giml.optimizers = lambda: opt  # outside a Trainer
+    adapted = DCGANGenerator(32, z_dim=8, ngf=4)
+    old = [p.detach().clone() for p in giml.generator.parameters()]
+    giml.meta_update(adapted)
+    for p, o, q in zip(giml.generator.parameters(), old, adapted.parameters()):
+        step, direction = (p.detach() - o).flatten(), (q.detach() - o).flatten()
+        assert torch.dot(step, direction) > 0
