@@ -10,7 +10,7 @@ benchmarks/results/ (or --out):
     attack_vs_defense.md    mean over cases per (attack, defense, strength)
     attack_vs_defense.png   PSNR / LPIPS (SSIM without LPIPS) / label accuracy vs defense strength
 
-Default grid (CPU, about 8 minutes on 1 thread): sigmoid LeNet 32x32, iDLG and DLG (100 L-BFGS steps) and Inverting
+Default grid (CPU, 1 thread: about 8 minutes unloaded, 16 on a busy 2-core machine): sigmoid LeNet 32x32, iDLG and DLG (100 L-BFGS steps) and Inverting
 Gradients (1,000 signed-Adam steps) if available, Gaussian noise std 0/1e-4/1e-3/1e-2/1e-1, top-k
 pruning 0/20/50/90/99%, 1 case (--cases for more). ``--paper`` selects the paper-scale grid (GPU): 300 L-BFGS steps,
 Inverting Gradients 4,000 steps, Gaussian and Laplace noise, relative Laplace (0.1 x max per layer as
@@ -184,6 +184,8 @@ def write_plot(path: Path, summary: list[dict[str, Any]], families: list[str]) -
                 ax.set_xscale("symlog", linthresh=1e-4)
             elif fam == "clip":
                 ax.set_xscale("log")
+            if key in ("label_accuracy", "ssim"):
+                ax.set_ylim(-0.05, 1.05)
             ax.set_xlabel(xlabel)
             ax.set_title(f"{title} - {fam}")
             ax.grid(alpha=0.3)

@@ -59,8 +59,9 @@ class LightningGICLI(LightningCLI):
             callbacks.append(DivergenceGuard())
 
     def after_fit(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective (broadcast) under multi-process strategies: every rank asks
         if self.trainer.is_global_zero:
-            print(f"log_dir: {self.trainer.log_dir}", flush=True)
+            print(f"log_dir: {log_dir}", flush=True)
 
 
 def quiet_known_warnings() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
+import time
 
 import pytest
 import pytorch_lightning as pl
@@ -108,7 +108,13 @@ def _env(rank: int, world: int, port: int) -> None:
 def _spawn(fn, world: int, *args) -> None:
     # fork: the children inherit the imported modules (a spawned child would re-import torch + Lightning, 10-20 s
     # on a loaded 2-core machine); the parent runs torch with one thread, so forking is safe.
-    mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, start_method="fork", join=True)
+    context = mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, start_method="fork", join=False)
+    deadline = time.monotonic() + 150
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:  # a collective mismatch hangs: fail instead of blocking CI
+            for proc in context.processes:
+                proc.kill()
+            pytest.fail(f"{fn.__name__} on {world} processes did not finish within 150 s")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,13 +188,15 @@ def _trainer_worker(rank: int, world: int, port: int, root: str, strategy: str, 
 
     quiet_known_warnings()
     attack = _trainer_attack(**attack_kwargs)
+    if isinstance(strategy, dict):  # GIShardStrategy arguments instead of a registered name
+        strategy = GIShardStrategy(**strategy)
     _trainer(root, 6, devices=world, strategy=strategy, num_nodes=1).fit(attack, _lenet_victim())
     torch.save({"local": attack.dummy_images.detach().clone(), "shard": (attack.shard.rank, attack.shard.world_size)},
                os.path.join(root, f"local{rank}.pt"))
 
 
-def test_sharded_trainer_run_matches_single_process(tmp_path):
-    world = 2
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_trainer_run_matches_single_process(world, tmp_path):
     _spawn(_trainer_worker, world, str(tmp_path / "sharded"), "gi_shard", {})
     attack = _trainer_attack()
     _trainer(str(tmp_path / "single"), 6, devices=1).fit(attack, _lenet_victim())
@@ -219,6 +227,22 @@ def test_restarts_over_ranks_pick_the_single_process_winner(tmp_path):
     # rank 1 held restarts 2 and 3 only
     local = torch.load(tmp_path / "ranks" / "local1.pt", weights_only=True)["local"]
     torch.testing.assert_close(local, attack.dummy_images.detach()[2:4], rtol=0, atol=2e-6)
+
+
+def test_restart_groups_times_batch_shards(tmp_path):
+    """4 ranks = 2 restart groups x 2 batch shards (collectives on each group's own process group)."""
+    _spawn(_trainer_worker, 4, str(tmp_path / "hybrid"), {"restart_groups": 2}, {"restarts": 3})
+    attack = _trainer_attack(restarts=3)
+    _trainer(str(tmp_path / "single"), 6, devices=1).fit(attack, _lenet_victim())
+    single = torch.load(tmp_path / "single" / "reconstruction.pt", weights_only=True)
+    hybrid = torch.load(tmp_path / "hybrid" / "reconstruction.pt", weights_only=True)
+    assert hybrid["best_restart"] == single["best_restart"]
+    assert hybrid["restart_losses"] == pytest.approx(single["restart_losses"], rel=1e-5)
+    torch.testing.assert_close(hybrid["images"], single["images"], rtol=0, atol=2e-6)
+    torch.testing.assert_close(hybrid["restart_images"], single["restart_images"], rtol=0, atol=2e-6)
+    # rank 3 = group 1 (restart 2), batch shard 1 (images 2..3)
+    local = torch.load(tmp_path / "hybrid" / "local3.pt", weights_only=True)["local"]
+    torch.testing.assert_close(local, attack.dummy_images.detach()[2:3, 2:4], rtol=0, atol=2e-6)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -42,8 +42,7 @@ class UpdateProbe(pl.Callback):
         self.grads, self.lrs, self.ranges = [], [], []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        # runs after the module's hook (Lightning calls callbacks first? no: module last) -> record in the
-        # batch-end hook instead; here only the LR
+        # the LR of this step (the transformed gradient is read after the step, in on_train_batch_end)
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -84,3 +83,22 @@ def test_paper_callbacks_and_default_label_strategy(lean_trainer_kwargs):
     rec = attack.reconstruction()
     assert rec["images"].shape == (2, 3, 8, 8) and rec["matching_distance"] < float("inf")
     assert attack.gradient_masks is None  # cleared at the end: outputs use unmasked gradients
+
+
+def test_configs_recipe_needs_checkpoint_and_demo_parses(capsys, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from lightning_gi.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((SystemExit, ValueError)) as err:  # jsonargparse wraps the MissingCheckpointError
+        main(["fit", "--config", str(root / "configs/stepwise_resnet34_imagenet.yaml"), "--trainer.max_steps=1"])
+    out = capsys.readouterr()
+    text = out.out + out.err + str(err.value)
+    assert "resnet34-b627a593.pth" in text and "checkpoints/README.md" in text
+    with pytest.raises(SystemExit) as ok:
+        main(["fit", "--config", str(root / "configs/stepwise_demo.yaml"), "--print_config"])
+    assert ok.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "StepwiseInversion" in printed and "PriorSchedule" in printed and "GradientDropout" in printed

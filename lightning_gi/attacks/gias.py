@@ -197,18 +197,25 @@ class GIAS(GradientInversionAttack):
         self.step_count = 0
         self.phase = "latent" if self.latent_steps > 0 else "parameter"
         self._switched = False
-        # fail early (before any data is loaded) when a needed generator file is absent
-        if isinstance(generator, str) and not self.train_generator_if_missing:
+
+    def check_generator_file(self) -> None:
+        """Raise :class:`MissingCheckpointError` when the generator file is absent (and will not be trained)."""
+        if isinstance(self.generator_spec, str) and not self.train_generator_if_missing and not hasattr(self, "generator"):
             from ..generators.registry import get_generator_config
 
-            cfg = get_generator_config(generator)
-            wanted = checkpoint_path or (cfg.file if pretrained else None)
+            cfg = get_generator_config(self.generator_spec)
+            wanted = self.checkpoint_path or (cfg.file if self.pretrained else None)
             if wanted is not None:
-                resolve_checkpoint(wanted, f"generator '{generator}' for GIAS ({cfg.source or 'see checkpoints/README.md'})")
+                resolve_checkpoint(wanted, f"generator '{self.generator_spec}' for GIAS ({cfg.source or 'see checkpoints/README.md'})")
+
+    def prepare_data(self) -> None:
+        # Lightning calls this before any datamodule/module setup: a missing generator fails before data is read
+        self.check_generator_file()
 
     # ------------------------------------------------------------------ unknowns
     def create_unknowns(self, generator: torch.Generator) -> None:
         if not hasattr(self, "generator"):
+            self.check_generator_file()
             gen = build_generator(self.generator_spec, self.pretrained, self.checkpoint_path, self.generator_kwargs, self.train_generator_if_missing)
             for p in gen.parameters():
                 p.requires_grad_(False)

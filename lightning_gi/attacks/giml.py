@@ -314,3 +314,20 @@ class GIML(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.meta_steps = int(checkpoint.get("giml", {}).get("meta_steps", 0))
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """``python -m lightning_gi.attacks.giml fit --config configs/giml_dcgan_photos.yaml`` (LightningCLI)."""
+    from pytorch_lightning.cli import LightningCLI
+
+    from ..cli import quiet_known_warnings
+
+    quiet_known_warnings()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    LightningCLI(GIML, GradientTasks, auto_configure_optimizers=False, save_config_kwargs={"overwrite": True}, seed_everything_default=0, args=args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    main(sys.argv[1:])

@@ -79,8 +79,9 @@ class ReconstructionReport(pl.Callback):
         gather = getattr(pl_module, "gathered_reconstruction", None)
         rec = gather() if gather is not None else pl_module.reconstruction()
         rec["step"] = int(trainer.global_step)
+        path = os.path.join(run_dir(trainer), "reconstruction.pt")  # trainer.log_dir broadcasts: all callers
         if trainer.is_global_zero:
-            save_atomic(rec, os.path.join(run_dir(trainer), "reconstruction.pt"))
+            save_atomic(rec, path)
         return rec
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -91,9 +92,11 @@ class ReconstructionReport(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if _sharded(pl_module):
             rec = self._save_reconstruction(trainer, pl_module)  # collective: all ranks
+            out = run_dir(trainer)  # trainer.log_dir is a collective (broadcast) too
         if not trainer.is_global_zero:
             return
-        out = run_dir(trainer)
+        if not _sharded(pl_module):
+            out = run_dir(trainer)
         self.output_dir = out
         if not _sharded(pl_module):
             rec = self._save_reconstruction(trainer, pl_module)

@@ -76,7 +76,7 @@ def fit_generator_glo(
         sched.step()
         with torch.no_grad():
             codes.copy_(_project(codes))
-        last = float(loss)
+        last = float(loss.detach())
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps} loss {last:.4f} ({time.time() - t0:.0f}s)", flush=True)
     # BatchNorm running statistics recomputed over all codes so that eval mode reproduces train mode

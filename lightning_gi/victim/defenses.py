@@ -125,7 +125,7 @@ class GaussianNoise(_AdditiveNoise):
     kind = "gaussian"
     knob = "std"
 
-    def __init__(self, std: float = 1e-2, relative: bool = False, seed: Optional[int] = None) -> None:
+    def __init__(self, std: float = 1e-2, seed: Optional[int] = None, relative: bool = False) -> None:
         if isinstance(std, (int, float)) and not isinstance(std, bool) and std < 0:
             raise ValueError(f"GaussianNoise std must be >= 0, got {std}")
         super().__init__(std, relative, seed)
@@ -145,7 +145,7 @@ class LaplaceNoise(_AdditiveNoise):
     kind = "laplace"
     knob = "scale"
 
-    def __init__(self, scale: float = 1e-2, relative: bool = False, seed: Optional[int] = None) -> None:
+    def __init__(self, scale: float = 1e-2, seed: Optional[int] = None, relative: bool = False) -> None:
         if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale < 0:
             raise ValueError(f"LaplaceNoise scale must be >= 0, got {scale}")
         super().__init__(scale, relative, seed)

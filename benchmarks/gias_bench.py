@@ -1,0 +1,174 @@
+"""Issue-6 bars: GIAS vs image-space Inverting Gradients, the gain of GIAS's parameter phase, and GIML.
+
+Part A (``--part gias``): a DCGAN prior fitted to the bundled photographs (random crops, seed 1, central crops
+excluded; ``lightning_gi.generators.train_dcgan``), an untrained ResNet-18 (14 classes, 32x32), batches of 4
+bundled photographs (crop seed 0). On the SAME gradient and the SAME number of optimiser steps:
+  * Inverting Gradients (cosine + TV 1e-4, signed Adam lr 0.1, boxed, MultiStepLR), image space;
+  * GIAS latent search only ("GI-z"), the whole budget;
+  * GIAS = latent search (1/3 of the budget) then per-image parameter search (2/3), and its latent-phase
+    snapshot (the images at the switch).
+Part B (``--part giml``): GIML meta-learns an untrained DCGAN from gradients of many batches (tasks) on random
+sigmoid LeNets; GIAS with the generator snapshots at several meta-steps (0 = untrained) on held-out tasks.
+
+    OMP_NUM_THREADS=1 python benchmarks/gias_bench.py [--part all|gias|giml] [--budget 240] [--batches 2]
+        [--meta-steps 40] [--inner 20]  ->  benchmarks/results/gias_bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common import RESULTS, lean_trainer, single_thread, write_json
+
+
+def _scores(images: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
+    from lightning_gi.metrics import reconstruction_metrics
+
+    m = reconstruction_metrics(images, gt)
+    return {"psnr": float(m["psnr"]), "ssim": float(m["ssim"]), "mse": float(m["mse"])}
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
+def part_gias(args: argparse.Namespace) -> dict[str, Any]:
+    from lightning_gi.attacks import GIAS, InvertingGradients
+    from lightning_gi.generators import create_generator
+    from lightning_gi.generators.train_dcgan import train_photos_generator
+    from lightning_gi.objectives import TotalVariation
+    from lightning_gi.victim import FedSGDVictim, torchvision_classifier
+
+    gen_path = RESULTS / "gias_bench_dcgan_photos32.pt"
+    t0 = time.perf_counter()
+    if not gen_path.exists() or args.retrain:
+        g = train_photos_generator(out=str(gen_path), steps=args.train_steps)
+        fit_stats = g.training_stats
+    else:
+        fit_stats = {"reused": str(gen_path)}
+    train_s = time.perf_counter() - t0
+    print("generator", fit_stats, f"{train_s:.0f}s", flush=True)
+    latent = args.budget // 3
+    rows: dict[str, list] = {"inverting_gradients": [], "gias_latent_only": [], "gias_latent_phase_snapshot": [], "gias": []}
+    seconds: dict[str, float] = {k: 0.0 for k in rows}
+    for b in range(args.batches):
+        def victim() -> FedSGDVictim:
+            model = torchvision_classifier(name="resnet18", num_classes=14)
+            return FedSGDVictim(model, dataset="photographs", batch_size=4, batch_seed=b, model_seed=b, image_shape=(3, 32, 32), mean=[0.5] * 3, std=[0.5] * 3)
+
+        runs = {
+            "inverting_gradients": lambda: InvertingGradients(priors=[TotalVariation(weight=1e-4)], restarts=1, seed=b),
+            "gias_latent_only": lambda: GIAS("dcgan_photos32", checkpoint_path=str(gen_path), latent_steps=args.budget, param_steps=0, seed=b),
+            "gias": lambda: GIAS("dcgan_photos32", checkpoint_path=str(gen_path), latent_steps=latent, param_steps=args.budget - latent, seed=b),
+        }
+        for name, make in runs.items():
+            dm = victim()
+            attack = make()
+            t = time.perf_counter()
+            lean_trainer(args.budget).fit(attack, datamodule=dm)
+            seconds[name] += time.perf_counter() - t
+            rec = attack.reconstruction()
+            gt = dm.ground_truth().images
+            s = _scores(rec["images"], gt)
+            s["matching_distance"] = rec["matching_distance"]
+            rows[name].append(s)
+            if name == "gias":
+                snap = _scores(rec["latent_phase_images"], gt)
+                snap["matching_distance"] = rec["latent_phase_matching_distance"]
+                rows["gias_latent_phase_snapshot"].append(snap)
+            print(b, name, s, flush=True)
+    summary = {k: _mean(v) for k, v in rows.items()}
+    for k in ("inverting_gradients", "gias_latent_only", "gias"):
+        summary[k]["seconds_per_step"] = seconds[k] / (args.batches * args.budget)
+    return {
+        "settings": {"budget_steps": args.budget, "gias_latent_steps": latent, "gias_param_steps": args.budget - latent, "batches": args.batches, "batch_size": 4, "victim": "resnet18 (untrained, 14 classes), 32x32", "generator_training_steps": args.train_steps},
+        "generator_fit": fit_stats,
+        "generator_train_seconds": train_s,
+        "per_batch": rows,
+        "mean": summary,
+        "gias_beats_ig": {m: summary["gias"][m] > summary["inverting_gradients"][m] for m in ("psnr", "ssim")},
+        "parameter_phase_beats_latent_only": {m: summary["gias"][m] > summary["gias_latent_only"][m] for m in ("psnr", "ssim")},
+    }
+
+
+def part_giml(args: argparse.Namespace) -> dict[str, Any]:
+    import pytorch_lightning as pl
+
+    from lightning_gi.attacks import GIAS, GIML, GradientTasks
+    from lightning_gi.labels import SharedLabels
+    from lightning_gi.victim.models import LeNet
+
+    def tasks(seed: int, crop_seed: int, n: int) -> GradientTasks:
+        return GradientTasks(LeNet(num_classes=14), image_shape=(3, 32, 32), batch_size=4, num_tasks=n, task_seed=seed, model_seed=seed, crop_seed=crop_seed, crops_per_photo=8)
+
+    train = tasks(0, 1, args.meta_steps)  # crops drawn with seed 1
+    held_out = tasks(10_000, 0, args.eval_tasks)  # other crops, other random networks
+    torch.manual_seed(0)
+    giml = GIML("dcgan32", generator_kwargs=dict(z_dim=64, ngf=32), latent_steps=args.inner, adapt_steps=args.inner, generator_out=None)
+    snapshots = {0: copy.deepcopy(giml.generator)}
+    marks = sorted({int(round(f * args.meta_steps)) for f in (0.25, 0.5, 1.0)} - {0})
+    t = time.perf_counter()
+    done = 0
+    for m in marks:
+        trainer = pl.Trainer(max_steps=m - done, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        trainer.fit(giml, datamodule=train)
+        done = m
+        snapshots[m] = copy.deepcopy(giml.generator)
+        print("meta-step", m, giml.history[-1], flush=True)
+    meta_s = time.perf_counter() - t
+    evals = {}
+    for m, gen in snapshots.items():
+        rows = []
+        for i in range(args.eval_tasks):
+            task = held_out.task(i)
+            attack = GIAS(copy.deepcopy(gen), latent_steps=args.eval_steps // 2, param_steps=args.eval_steps - args.eval_steps // 2, label_strategy=SharedLabels(), seed=i)
+            attack.bind(task.inputs)
+            lean_trainer(args.eval_steps).fit(attack, train_dataloaders=held_out.train_dataloader())
+            rec = attack.reconstruction()
+            s = _scores(rec["images"], task.ground_truth.images)
+            s["matching_distance"] = rec["matching_distance"]
+            rows.append(s)
+        evals[m] = _mean(rows)
+        print("GIAS with meta-step", m, evals[m], flush=True)
+    return {
+        "settings": {"meta_steps": args.meta_steps, "inner_latent_steps": args.inner, "inner_adapt_steps": args.inner, "eval_tasks": args.eval_tasks, "eval_gias_steps": args.eval_steps, "victim": "sigmoid LeNet (random per task, 14 classes), 32x32", "generator": "DCGAN 32x32 z64 ngf32, untrained at meta-step 0"},
+        "meta_train_seconds": meta_s,
+        "gias_quality_by_meta_step": {str(k): v for k, v in evals.items()},
+        "inner_history_tail": giml.history[-3:],
+        "rises_vs_untrained": {m: evals[max(evals)][m] > evals[0][m] for m in ("psnr", "ssim")},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--part", choices=("all", "gias", "giml"), default="all")
+    p.add_argument("--budget", type=int, default=240, help="optimiser steps per attack (IG and GIAS alike)")
+    p.add_argument("--batches", type=int, default=2)
+    p.add_argument("--train-steps", type=int, default=800)
+    p.add_argument("--retrain", action="store_true")
+    p.add_argument("--meta-steps", type=int, default=40)
+    p.add_argument("--inner", type=int, default=20, help="GIML inner latent and adaptation steps")
+    p.add_argument("--eval-tasks", type=int, default=3)
+    p.add_argument("--eval-steps", type=int, default=60)
+    p.add_argument("--name", default="gias_bench")
+    args = p.parse_args()
+    single_thread()
+    out_path = RESULTS / f"{args.name}.json"
+    payload: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
+    payload = {k: v for k, v in payload.items() if k != "environment"}
+    if args.part in ("all", "gias"):
+        payload["gias_vs_inverting_gradients"] = part_gias(args)
+        write_json(args.name, payload)
+    if args.part in ("all", "giml"):
+        payload["giml"] = part_giml(args)
+        write_json(args.name, payload)
+
+
+if __name__ == "__main__":
+    main()

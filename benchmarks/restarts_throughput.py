@@ -1,0 +1,158 @@
+"""Vectorised vs sequential restarts: restarts per second at R = 8 (sigmoid LeNet and ResNet-18, 32x32).
+
+One optimisation step of R restarts (Inverting Gradients objective: cosine distance + TV, Adam, boxed) is
+timed for :class:`ImagePriorAttack` (restarts one after the other) and :class:`VectorisedRestartsAttack`
+(restarts as one vmapped computation). Measurements alternate between the two (ABAB...) so that load from
+other processes hits both alike; the ratio is the median over rounds. The first step's per-restart distances
+of both are compared (they must agree). JSON: benchmarks/results/restarts_throughput[_<device>].json.
+
+Run: OMP_NUM_THREADS=1 python benchmarks/restarts_throughput.py [--device cuda] [--restarts 8]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import single_thread, write_json
+
+
+def _victim(name: str, num_classes: int = 10) -> torch.nn.Module:
+    from lightning_gi.victim import LeNet
+    from lightning_gi.victim.models import torchvision_classifier
+
+    torch.manual_seed(0)
+    if name == "lenet":
+        return LeNet(num_classes=num_classes, image_size=32).eval()
+    return torchvision_classifier("resnet18", num_classes=num_classes).eval()
+
+
+def _bound(cls, name: str, restarts: int, batch: int, device: torch.device):
+    from lightning_gi.labels import SharedLabels
+    from lightning_gi.objectives import CosineDistance
+    from lightning_gi.objectives.priors import TotalVariation
+    from lightning_gi.observation import capture_observation
+    from lightning_gi.victim.datamodule import AttackInputs
+
+    model = _victim(name)
+    images = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(batch) % 10
+    obs = capture_observation(model, images, labels, share_labels=True)
+    zeros = torch.zeros(3, 1, 1)
+    inputs = AttackInputs(model, obs, (3, 32, 32), zeros, zeros + 1, 10)
+    attack = cls(
+        label_strategy=SharedLabels(), distance=CosineDistance(), priors=[TotalVariation(weight=1e-4)],
+        signed_gradients=True, boxed=True, restarts=restarts, seed=0,
+    )
+    attack.bind(inputs, device=device)
+    opt = torch.optim.Adam(attack._unknowns, lr=0.1)
+    return attack, opt
+
+
+def _step(attack, opt) -> torch.Tensor:
+    opt.zero_grad(set_to_none=True)
+    loss, distances, images, _ = attack.objective()
+    attack.update_best(distances.detach(), images.detach())
+    attack.backward(loss)
+    attack.on_before_optimizer_step(opt)
+    opt.step()
+    attack.project()
+    return distances.detach()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(attack, opt, steps: int, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        _step(attack, opt)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _peak_memory(cls, name, restarts, batch, device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    attack, opt = _bound(cls, name, restarts, batch, device)
+    _step(attack, opt)
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    del attack, opt
+    return peak
+
+
+def bench(name: str, restarts: int, batch: int, steps: int, rounds: int, device: torch.device) -> dict:
+    from lightning_gi.attacks import ImagePriorAttack, VectorisedRestartsAttack
+
+    seq = _bound(ImagePriorAttack, name, restarts, batch, device)
+    vec = _bound(VectorisedRestartsAttack, name, restarts, batch, device)
+    d_seq, d_vec = _step(*seq), _step(*vec)  # also the warm-up
+    max_rel_diff = float(((d_vec - d_seq).abs() / d_seq.abs().clamp_min(1e-12)).max())
+    _step(*seq), _step(*vec)
+    t_seq, t_vec = [], []
+    for _ in range(rounds):
+        t_seq.append(_time(*seq, steps, device) / steps)
+        t_vec.append(_time(*vec, steps, device) / steps)
+    ratios = [s / v for s, v in zip(t_seq, t_vec)]
+    out = {
+        "victim": name,
+        "restarts": restarts,
+        "batch_size": batch,
+        "steps_per_round": steps,
+        "rounds": rounds,
+        "sequential_s_per_step": statistics.median(t_seq),
+        "vectorised_s_per_step": statistics.median(t_vec),
+        "sequential_restarts_per_s": restarts / statistics.median(t_seq),
+        "vectorised_restarts_per_s": restarts / statistics.median(t_vec),
+        "ratio_median": statistics.median(ratios),
+        "ratio_per_round": ratios,
+        "first_step_distance_max_rel_diff": max_rel_diff,
+    }
+    del seq, vec
+    if device.type == "cuda":
+        out["sequential_peak_mib"] = _peak_memory(ImagePriorAttack, name, restarts, batch, device)
+        out["vectorised_peak_mib"] = _peak_memory(VectorisedRestartsAttack, name, restarts, batch, device)
+    print(
+        f"{name:9s} R={restarts} N={batch} {device.type}: sequential {out['sequential_restarts_per_s']:.2f} restarts/s, "
+        f"vectorised {out['vectorised_restarts_per_s']:.2f} restarts/s, ratio {out['ratio_median']:.2f}x "
+        f"(rounds {[round(r, 2) for r in ratios]}), first-step rel diff {max_rel_diff:.1e}",
+        flush=True,
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--restarts", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lenet-steps", type=int, default=20)
+    parser.add_argument("--resnet-steps", type=int, default=3)
+    parser.add_argument("--victims", default="lenet,resnet18")
+    args = parser.parse_args()
+    single_thread()
+    device = torch.device(args.device)
+    results = []
+    for name in args.victims.split(","):
+        steps = args.lenet_steps if name == "lenet" else args.resnet_steps
+        if device.type == "cuda":
+            steps *= 10
+        results.append(bench(name, args.restarts, args.batch, steps, args.rounds, device))
+    suffix = "" if device.type == "cpu" else f"_{device.type}"
+    payload = {"benchmark": "restarts_throughput", "device": str(device), "results": results}
+    if device.type == "cuda":
+        payload["gpu"] = torch.cuda.get_device_name(device)
+    write_json(f"restarts_throughput{suffix}", payload)
+
+
+if __name__ == "__main__":
+    main()
