@@ -45,7 +45,7 @@ def part_gias(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_gi.objectives import TotalVariation
     from lightning_gi.victim import FedSGDVictim, torchvision_classifier
 
-    gen_path = RESULTS / "gias_bench_dcgan_photos32.pt"
+    gen_path = RESULTS.parent.parent / "checkpoints" / "gias_bench_dcgan_photos32.pt"  # git-ignored
     t0 = time.perf_counter()
     if not gen_path.exists() or args.retrain:
         g = train_photos_generator(out=str(gen_path), steps=args.train_steps)

@@ -210,6 +210,14 @@ class Shard:
         """Called in ``bind`` right after ``create_unknowns``: validate, keep this group's restarts."""
         n = attack.batch_size
         if self.shards_batch:
+            from .attacks.base import GradientInversionAttack
+
+            own = type(attack).victim_gradients is not GradientInversionAttack.victim_gradients
+            if own and not getattr(attack, "supports_batch_sharding", False):
+                raise ValueError(
+                    f"{type(attack).__name__} computes its own victim gradients (e.g. unrolled FedAvg updates, which "
+                    "mix the samples through the local steps), so its batch cannot be sharded: use gi_restarts"
+                )
             if n < self.batch_world:
                 raise ValueError(f"cannot shard a batch of {n} images over {self.batch_world} ranks (need N >= ranks)")
             if _has_training_batchnorm(attack.victim):
@@ -234,7 +242,17 @@ class Shard:
         else:  # no restart dimension: one restart per group, seeded seed + group index
             if self.restart_rank:
                 attack.create_unknowns(torch.Generator().manual_seed(int(attack.seed) + self.restart_rank))
-            attack.global_restarts = (self.restart_rank, self.restart_rank + 1, self.restart_groups)
+            attack.global_restarts = None  # group j = the whole attack with seed + j
+
+    def check_local_batch(self, n_local: int, batch_size: int, attack: Any) -> None:
+        """Refuse an attack whose dummy batch is not this rank's shard (it made its unknowns without
+        ``initial_images`` / ``local_slice``): summing full batches on every rank would be silently wrong."""
+        start, stop = self.batch_range(batch_size)
+        if n_local != stop - start:
+            raise ValueError(
+                f"{type(attack).__name__} evaluates {n_local} dummy images on rank {self.rank}, but its shard has "
+                f"{stop - start} of {batch_size}: this attack does not support batch sharding (gi_shard); use gi_restarts"
+            )
 
     def reduce_gradients(self, grads: Sequence[Tensor], divisor: float) -> list[Tensor]:
         """Sum the shard gradients over the batch group (differentiable) and divide by ``divisor``."""
@@ -297,6 +315,10 @@ class Shard:
         best = min(range(len(losses)), key=lambda g: (losses[g] != losses[g], losses[g], g))  # NaN never wins
         out = dict(per_group[best])
         out["restart_group"] = best
+        if any(span is None for span in spans):  # attacks without a dummy_images restart dimension: seed + group
+            out["group_losses"] = losses
+            out["group_restart_losses"] = [r.get("restart_losses", [r["matching_distance"]]) for r in per_group]
+            return out
         start, _, total = spans[best]
         out["best_restart"] = start + int(out.get("best_restart", 0))
         restart_losses: list[float] = []

@@ -199,6 +199,20 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
 GradientDefense = Callable[[list[Tensor]], list[Tensor]]
 
 
+def forward_keeping_buffers(model: nn.Module, images: Tensor) -> Tensor:
+    """``model(images)``; in train mode, BatchNorm's running statistics are left untouched.
+
+    A victim in train mode normalises with batch statistics, and every forward would also move its
+    running statistics; an attack evaluates the victim thousands of times, so the updates go to
+    throw-away copies of the buffers (``torch.func.functional_call``) instead of the victim.
+    """
+    if not model.training:
+        return model(images)
+    state: dict[str, Tensor] = dict(model.named_parameters())
+    state.update({name: buf.clone() for name, buf in model.named_buffers()})
+    return torch.func.functional_call(model, state, (images,))
+
+
 def client_gradients(
     model: nn.Module, images: Tensor, labels: Tensor, reduction: str = "mean"
 ) -> list[Tensor]:
@@ -211,7 +225,7 @@ def client_gradients(
     for p in params:
         p.requires_grad_(True)
     try:
-        loss = nn.functional.cross_entropy(model(images), labels, reduction=reduction)
+        loss = nn.functional.cross_entropy(forward_keeping_buffers(model, images), labels, reduction=reduction)
         grads = torch.autograd.grad(loss, params)
     finally:
         for p, n in zip(params, needs):

@@ -245,6 +245,34 @@ def test_restart_groups_times_batch_shards(tmp_path):
     torch.testing.assert_close(local, attack.dummy_images.detach()[2:3, 2:4], rtol=0, atol=2e-6)
 
 
+def _idlg_worker(rank: int, world: int, port: int, root: str, strategy: str) -> None:
+    from lightning_gi.attacks import IDLG
+
+    _env(rank, world, port)
+    attack = IDLG(seed=0)  # L-BFGS
+    victim = _lenet_victim()
+    victim.images, victim.labels = victim.images[:1], victim.labels[:1]
+    _trainer(root, 3, devices=world, strategy=strategy, num_nodes=1).fit(attack, victim)
+
+
+def test_idlg_lbfgs_over_ranks_and_refused_when_sharded(tmp_path):
+    from lightning_gi.attacks import IDLG
+
+    _spawn(_idlg_worker, 2, str(tmp_path / "ranks"), "gi_restarts")
+    ranks = torch.load(tmp_path / "ranks" / "reconstruction.pt", weights_only=True)
+    singles = []
+    for seed in (0, 1):  # rank j runs the attack with seed + j
+        victim = _lenet_victim()
+        victim.images, victim.labels = victim.images[:1], victim.labels[:1]
+        attack = IDLG(seed=seed)
+        _trainer(str(tmp_path / f"s{seed}"), 3, devices=1).fit(attack, victim)
+        singles.append(attack.reconstruction()["matching_distance"])
+    assert ranks["group_losses"] == pytest.approx(singles, rel=1e-5)
+    assert ranks["matching_distance"] == pytest.approx(min(singles), rel=1e-5)
+    with pytest.raises(Exception, match="L-BFGS cannot run batch-sharded"):
+        _spawn(_idlg_worker, 2, str(tmp_path / "sharded"), "gi_shard")
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. single-process checks of the strategy and of vectorised restarts
 # ----------------------------------------------------------------------------------------------------

@@ -158,5 +158,5 @@ def test_giml_config_parses():
     from lightning_gi.attacks.giml import main
 
     with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(ROOT / "configs/giml_dcgan_photos.yaml"), "--print_config"])
+        main(["fit", "--config", str(ROOT / "configs/giml/dcgan_photos.yaml"), "--print_config"])
     assert info.value.code in (0, None)

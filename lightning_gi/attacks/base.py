@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..labels import LabelStrategy
 from ..objectives.distances import squared_l2
-from ..observation import GradientObservation
+from ..observation import GradientObservation, forward_keeping_buffers
 from ..victim.datamodule import AttackInputs
 
 INIT_CHOICES = ("randn", "rand", "half", "zeros")
@@ -185,9 +185,11 @@ class GradientInversionAttack(pl.LightningModule):
     def victim_gradients(self, images: Tensor, targets: Tensor) -> list[Tensor]:
         """Gradient of the client's loss on the dummy batch, kept differentiable (create_graph)."""
         reduction = "sum" if self.batch_sharded else self.loss_reduction  # sharded: sum, all-reduce, / N
-        if self.batch_sharded and targets.shape[0] != images.shape[0]:
-            targets = targets[self.local_slice]  # full-batch labels, this rank's images
-        logits = self.victim(images)
+        if self.batch_sharded:
+            self.shard.check_local_batch(images.shape[0], self.batch_size, self)
+            if targets.shape[0] != images.shape[0]:
+                targets = targets[self.local_slice]  # full-batch labels, this rank's images
+        logits = forward_keeping_buffers(self.victim, images)
         if targets.dtype == torch.long:
             loss = nn.functional.cross_entropy(logits, targets, reduction=reduction)
         else:  # soft labels (DLG): cross-entropy against a distribution

@@ -317,7 +317,7 @@ class GIML(pl.LightningModule):
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``python -m lightning_gi.attacks.giml fit --config configs/giml_dcgan_photos.yaml`` (LightningCLI)."""
+    """``python -m lightning_gi.attacks.giml fit --config configs/giml/dcgan_photos.yaml`` (LightningCLI)."""
     from pytorch_lightning.cli import LightningCLI
 
     from ..cli import quiet_known_warnings
