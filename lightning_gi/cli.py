@@ -69,10 +69,11 @@ def quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def main(args: Optional[list[str]] = None) -> LightningGICLI:
+def main(args: Optional[list[str]] = None) -> None:
+    """Console entry point; returns None so that ``sys.exit(main())`` exits with status 0."""
     quiet_known_warnings()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    return LightningGICLI(
+    LightningGICLI(
         GradientInversionAttack,
         VictimDataModule,
         subclass_mode_model=True,

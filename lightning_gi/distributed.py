@@ -52,7 +52,7 @@ its shard in ``setup()`` from ``strategy.make_shard()``.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -170,7 +170,6 @@ class Shard:
     world_size: int
     restart_groups: int = 1
     group: Any = None
-    _batch_size: Optional[int] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.restart_groups < 1 or self.world_size % self.restart_groups:

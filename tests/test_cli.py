@@ -104,3 +104,18 @@ def test_missing_weights_file_names_the_file_and_the_page(tmp_path):
 
     with pytest.raises(MissingCheckpointError, match=r"resnet18-f37072fd.pth.*checkpoints/README.md"):
         torchvision_classifier("resnet18", weights_path="resnet18-f37072fd.pth")
+
+
+def test_console_script_exits_zero(tmp_path):
+    """`lightning-gi fit` as a user runs it: exit status 0 and the log_dir line at the end."""
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "lightning-gi"
+    proc = subprocess.run(
+        [str(script), "fit", "--config", str(ROOT / "configs/idlg_lenet.yaml"), "--trainer.max_steps=1",
+         "--trainer.callbacks=[]", f"--trainer.logger.init_args.save_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"log_dir: {tmp_path}/idlg_lenet/version_0"

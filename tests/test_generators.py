@@ -158,4 +158,4 @@ def test_registry_lists_public_variants_and_configs():
     s = create_generator("stylegan2", img_resolution=8, z_dim=8, w_dim=8, synthesis_kwargs=dict(channel_base=64, channel_max=16))
     assert s(torch.randn(1, 8)).shape == (1, 3, 8, 8)
     with pytest.raises(MissingCheckpointError, match="checkpoints/README.md"):
-        create_generator("dcgan_photos32", pretrained=True)
+        create_generator("dcgan_photos32", checkpoint_path="no_such_generator_file.pt")

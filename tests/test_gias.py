@@ -106,8 +106,11 @@ def test_gias_generator_from_registry_file(tmp_path, lean_trainer_kwargs):
 
 
 def test_imagenet_config_fails_clearly_without_generator(tmp_path):
+    from lightning_gi.checkpoints import find_checkpoint
     from lightning_gi.cli import main
 
+    if find_checkpoint("stylegan2_imagenet64.pkl") is not None:
+        pytest.skip("a real stylegan2_imagenet64.pkl is installed in checkpoints/")
     with pytest.raises(MissingCheckpointError, match="stylegan2_imagenet64.pkl"):
         main(["fit", "--config", str(ROOT / "configs/gias_imagenet64_resnet18.yaml"), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
 

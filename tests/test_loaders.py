@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_gi.checkpoints import CorruptCheckpointError, MissingCheckpointError
+from lightning_gi.checkpoints import CorruptCheckpointError, MissingCheckpointError, find_checkpoint
 from lightning_gi.generators import (
     DCGANGenerator,
     StyleGAN2Generator,
@@ -246,10 +246,10 @@ def test_corrupt_and_missing_pickles(tmp_path):
     junk.write_bytes(b"not a pickle at all")
     with pytest.raises(CorruptCheckpointError):
         load_stylegan2_pkl(junk)
-    with pytest.raises(MissingCheckpointError, match="stylegan2_imagenet64.pkl"):
-        create_generator("stylegan2_imagenet64", pretrained=True)
-    with pytest.raises(MissingCheckpointError, match="ffhq.pkl"):
-        create_generator("stylegan2_ffhq1024", pretrained=True)
+    for name, file in (("stylegan2_imagenet64", "stylegan2_imagenet64.pkl"), ("stylegan2_ffhq1024", "ffhq.pkl")):
+        if find_checkpoint(file) is None:  # a developer may have the real file in ./checkpoints
+            with pytest.raises(MissingCheckpointError, match=file):
+                create_generator(name, pretrained=True)
 
 
 # ---------------------------------------------------------------------------------------------- state dicts

@@ -56,7 +56,7 @@ class GradientInversionAttack(pl.LightningModule):
         label_strategy: Optional[LabelStrategy] = None,
         init: str = "randn",
         seed: int = 0,
-        distance: Optional[Callable[..., Tensor]] = None,
+        distance: Optional[Callable[..., Any]] = None,
     ) -> None:
         super().__init__()
         if init not in INIT_CHOICES:

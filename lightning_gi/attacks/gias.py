@@ -175,8 +175,12 @@ class GIAS(GradientInversionAttack):
             raise ValueError(f"latent_space must be 'z', 'w' or 'w+', got {latent_space!r}")
         if milestone_fractions is not None:
             milestones_from_fractions(milestone_fractions, 1_000_000)
+        if noise_mode not in ("random", "const", "none"):
+            raise ValueError(f"noise_mode must be 'random', 'const' or 'none', got {noise_mode!r}")
         self.automatic_optimization = False
-        self.generator_spec = generator
+        # a module given directly is kept out of the module tree until bind() registers it as ``generator``
+        self.__dict__["_given_generator"] = generator if isinstance(generator, nn.Module) else None
+        self.generator_spec = generator if isinstance(generator, str) else None
         self.pretrained = bool(pretrained)
         self.checkpoint_path = checkpoint_path
         self.generator_kwargs = dict(generator_kwargs or {})
@@ -216,14 +220,12 @@ class GIAS(GradientInversionAttack):
     def create_unknowns(self, generator: torch.Generator) -> None:
         if not hasattr(self, "generator"):
             self.check_generator_file()
-            gen = build_generator(self.generator_spec, self.pretrained, self.checkpoint_path, self.generator_kwargs, self.train_generator_if_missing)
+            spec = self._given_generator if self._given_generator is not None else self.generator_spec
+            gen = build_generator(spec, self.pretrained, self.checkpoint_path, self.generator_kwargs, self.train_generator_if_missing)
             for p in gen.parameters():
                 p.requires_grad_(False)
-            if hasattr(gen, "noise_mode") and not isinstance(gen, type):
-                try:
-                    gen.noise_mode = self.noise_mode
-                except (AttributeError, ValueError):
-                    pass
+            if hasattr(gen, "noise_mode"):  # StyleGAN2: noise inputs of every layer
+                gen.noise_mode = self.noise_mode
             self.generator = gen.eval()
         if self.latent_space not in getattr(self.generator, "latent_spaces", ("z",)):
             raise ValueError(f"{type(self.generator).__name__} has latent spaces {self.generator.latent_spaces}, not {self.latent_space!r}")
