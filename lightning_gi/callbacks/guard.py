@@ -59,23 +59,20 @@ class DivergenceGuard(pl.Callback):
                 self._snapshot_step = step
             return
         self.events.append({"step": step, "restored_to": self._snapshot_step})
+        with torch.no_grad():
+            for p, s in zip(params, self._snapshot):
+                p.copy_(s)
         if self.restores >= self.max_restores:
             rank_zero_warn(
                 f"DivergenceGuard: non-finite loss or unknowns at step {step} after {self.restores} restores; "
                 f"stopping. The best iterate so far (matching distance {float(pl_module.best_loss):.4g}) is kept."
             )
-            with torch.no_grad():
-                for p, s in zip(params, self._snapshot):
-                    p.copy_(s)
             trainer.should_stop = True
             return
         self.restores += 1
         rank_zero_warn(
-            f"DivergenceGuard: non-finite loss or unknowns at step {step}; restoring the unknowns of step "
-            f"{self._snapshot_step} and resetting the optimiser state (restore {self.restores}/{self.max_restores})."
+            f"DivergenceGuard: non-finite loss or unknowns at step {step}; restored the unknowns of step "
+            f"{self._snapshot_step} and reset the optimiser state (restore {self.restores}/{self.max_restores})."
         )
-        with torch.no_grad():
-            for p, s in zip(params, self._snapshot):
-                p.copy_(s)
         for opt in trainer.optimizers:
             opt.state.clear()
