@@ -92,3 +92,17 @@ def test_image_size_not_matching_model_is_rejected():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=r"does not accept inputs of shape \(3, 32, 32\)"):
         TensorBatchVictim(LeNet(num_classes=10, image_size=16), torch.rand(1, 3, 32, 32), torch.tensor([1]))
+
+
+def test_saved_reconstruction_includes_the_final_iterate(tmp_path, lean_trainer_kwargs):
+    from lightning_gi.callbacks import ReconstructionReport
+
+    model, image, label = _victim(seed=0)
+    attack = IDLG(seed=0)
+    trainer = pl.Trainer(max_steps=8, callbacks=[ReconstructionReport(save_every_n_steps=0)], **lean_trainer_kwargs)
+    trainer.fit(attack, TensorBatchVictim(model, image, label))
+    saved = torch.load(tmp_path / "reconstruction.pt", weights_only=True)
+    assert saved["matching_distance"] == attack.reconstruction()["matching_distance"]
+    images, targets = attack.dummy_batch()
+    final = float(attack.matching_distance([g.detach() for g in attack.victim_gradients(images, targets)]))
+    assert saved["matching_distance"] <= final

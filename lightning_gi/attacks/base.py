@@ -285,7 +285,9 @@ class GradientInversionAttack(pl.LightningModule):
             distance = self.matching_distance([g.detach() for g in grads]).detach()
         self.update_best(distance, images.detach())
 
-    def on_train_end(self) -> None:
+    def on_train_epoch_end(self) -> None:
+        """Score the last iterate when the loop stops (max_steps ends the one endless epoch), before the
+        callbacks' ``on_train_end`` writes the reconstruction."""
         self.evaluate_final_iterate()
 
     def best_labels(self) -> Tensor:
