@@ -111,7 +111,7 @@ def part_giml(args: argparse.Namespace) -> dict[str, Any]:
     train = tasks(0, 1, args.meta_steps)  # crops drawn with seed 1
     held_out = tasks(10_000, 0, args.eval_tasks)  # other crops, other random networks
     torch.manual_seed(0)
-    giml = GIML("dcgan32", generator_kwargs=dict(z_dim=64, ngf=32), latent_steps=args.inner, adapt_steps=args.inner, generator_out=None)
+    giml = GIML("dcgan32", generator_kwargs=dict(z_dim=64, ngf=32), latent_steps=args.inner, adapt_steps=args.inner, meta_lr=args.meta_lr, generator_out=None)
     snapshots = {0: copy.deepcopy(giml.generator)}
     marks = sorted({int(round(f * args.meta_steps)) for f in (0.25, 0.5, 1.0)} - {0})
     t = time.perf_counter()
@@ -140,7 +140,7 @@ def part_giml(args: argparse.Namespace) -> dict[str, Any]:
             evals[m][variant] = _mean(rows)
         print("meta-step", m, evals[m], flush=True)
     return {
-        "settings": {"meta_steps": args.meta_steps, "inner_latent_steps": args.inner, "inner_adapt_steps": args.inner, "eval_tasks": args.eval_tasks, "eval_gias_steps": args.eval_steps, "victim": "sigmoid LeNet (random per task, 14 classes), 32x32", "generator": "DCGAN 32x32 z64 ngf32, untrained at meta-step 0"},
+        "settings": {"meta_steps": args.meta_steps, "meta_lr": args.meta_lr, "inner_latent_steps": args.inner, "inner_adapt_steps": args.inner, "eval_tasks": args.eval_tasks, "eval_gias_steps": args.eval_steps, "victim": "sigmoid LeNet (random per task, 14 classes), 32x32", "generator": "DCGAN 32x32 z64 ngf32, untrained at meta-step 0"},
         "meta_train_seconds": meta_s,
         "gias_quality_by_meta_step": {str(k): v for k, v in evals.items()},
         "inner_history_tail": giml.history[-3:],
@@ -156,6 +156,7 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=800)
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--meta-steps", type=int, default=150)
+    p.add_argument("--meta-lr", type=float, default=1e-2, help="GIML outer Adam lr (paper 1e-2)")
     p.add_argument("--inner", type=int, default=30, help="GIML inner latent and adaptation steps")
     p.add_argument("--eval-tasks", type=int, default=3)
     p.add_argument("--eval-steps", type=int, default=60)
@@ -169,7 +170,8 @@ def main() -> None:
         payload["gias_vs_inverting_gradients"] = part_gias(args)
         write_json(args.name, payload)
     if args.part in ("all", "giml"):
-        payload["giml"] = part_giml(args)
+        key = "giml" if args.meta_lr == 1e-2 else f"giml_meta_lr_{args.meta_lr:g}"
+        payload[key] = part_giml(args)
         write_json(args.name, payload)
 
 

@@ -69,11 +69,11 @@ def quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def main(args: Optional[list[str]] = None) -> None:
-    """Console entry point; returns None so that ``sys.exit(main())`` exits with status 0."""
+def run(args: Optional[list[str]] = None) -> LightningGICLI:
+    """Run the CLI programmatically (``run(["fit", "--config", ...])``) and return it (``.trainer``, ``.model``)."""
     quiet_known_warnings()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    LightningGICLI(
+    return LightningGICLI(
         GradientInversionAttack,
         VictimDataModule,
         subclass_mode_model=True,
@@ -84,6 +84,11 @@ def main(args: Optional[list[str]] = None) -> None:
         seed_everything_default=0,
         args=args,
     )
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """Console entry point (``lightning-gi``); returns None so that ``sys.exit(main())`` exits with 0."""
+    run(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -238,9 +238,9 @@ def test_config_parses_through_the_cli(name, capsys):
 
 @pytest.mark.parametrize("name", ["inverting_gradients_demo.yaml", "gradinversion_demo.yaml"])
 def test_demo_config_runs_a_few_steps(name, tmp_path):
-    from lightning_gi.cli import main
+    from lightning_gi.cli import run
 
-    cli = main(
+    cli = run(
         [
             "fit",
             "--config", str(CONFIGS / name),

@@ -282,11 +282,11 @@ def test_fedavg_dlg_runs_with_soft_labels(tmp_path):
 # ------------------------------------------------------------------------------- configs
 @pytest.mark.parametrize("config", ["configs/fedavg_lenet.yaml", "configs/idlg_lenet_defended.yaml"])
 def test_configs_run_as_is(tmp_path, config):
-    from lightning_gi.cli import main
+    from lightning_gi.cli import run
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        cli = main([
+        cli = run([
             "fit", "--config", str(ROOT / config), "--trainer.max_steps=2", "--trainer.enable_progress_bar=false",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
         ])
