@@ -103,14 +103,14 @@ def test_pure_wasserstein_is_blind_to_positions():
 
 
 def test_wdlg_config_parses_and_runs(tmp_path, capsys):
-    from lightning_gi.cli import main
+    from lightning_gi.cli import main, run
 
     path = str(CONFIGS / "wdlg_lenet.yaml")
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", path, "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "lightning_gi.objectives.WassersteinDistance" in capsys.readouterr().out
-    cli = main(
+    cli = run(
         [
             "fit",
             "--config", path,
