@@ -111,7 +111,7 @@ def bench_case(name, model, image, label, steps, make_optimizer, repeats):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lenet-steps", type=int, default=60)
-    parser.add_argument("--resnet-steps", type=int, default=6)
+    parser.add_argument("--resnet-steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     single_thread()
@@ -132,7 +132,7 @@ def main() -> None:
     out["cases"]["lenet32_b1_adam"] = bench_case("LeNet-Adam", lenet, image, torch.tensor([3]), args.lenet_steps * 5, adam, args.repeats)
 
     torch.manual_seed(0)
-    resnet = torchvision_classifier("resnet18", num_classes=10).eval()
+    resnet = torchvision_classifier("resnet18", num_classes=photos.num_classes).eval()
     images, labels, _ = select_batch(photos, 8, seed=0, label_mode="unique")
     out["cases"]["resnet18_32_b8_adam"] = bench_case("ResNet-18", resnet, images, labels, args.resnet_steps, adam, args.repeats)
     write_json("loop_overhead", out)
