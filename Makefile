@@ -28,11 +28,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow
 
-# Speed and quality benchmarks; JSON lands in benchmarks/results/.
+# Speed and quality benchmarks; JSON lands in benchmarks/results/ (CPU: tens of minutes each).
 bench: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/label_recovery.py
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/dlg_vs_idlg.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/loop_overhead.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/dlg_vs_idlg.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/objectives_bench.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/attack_vs_defense.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/restarts_throughput.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/stepwise_labels.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/stepwise_inversion.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/gias_bench.py
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

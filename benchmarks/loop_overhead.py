@@ -4,9 +4,9 @@ Cases: the sigmoid LeNet 32x32 batch 1 (iDLG math: L-BFGS lr 1, 20 inner iterati
 ResNet-18 32x32 batch 8 (squared-L2 matching with Adam: one victim double-backward per step).
 Each case alternates plain and Lightning runs (``--repeats`` times) and reports the median ratio, for
 the lean Trainer (no logger/progress bar) and for the full CLI setup (TensorBoard logging every 5 steps,
-image grids every 25, progress bar refreshed every 5 steps, periodic reconstruction saves).
+image grids every 25, progress bar, periodic reconstruction saves).
 
-    python benchmarks/loop_overhead.py [--lenet-steps 60] [--resnet-steps 6] [--repeats 3]
+    python benchmarks/loop_overhead.py [--lenet-steps 60] [--resnet-steps 20] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -58,7 +58,6 @@ def plain_loop(model, image, label, steps, make_optimizer, seed):
 
 
 def lightning_run(model, image, label, steps, make_optimizer, seed, full):
-    from pytorch_lightning.callbacks import TQDMProgressBar
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from lightning_gi.attacks import IDLG
@@ -76,7 +75,7 @@ def lightning_run(model, image, label, steps, make_optimizer, seed, full):
                 logger=TensorBoardLogger(tmp, name="bench"),
                 log_every_n_steps=5,
                 enable_progress_bar=True,
-                callbacks=[timer, TQDMProgressBar(refresh_rate=5), ReconstructionMonitor(every_n_steps=25), ReconstructionReport(save_every_n_steps=100)],
+                callbacks=[timer, ReconstructionMonitor(every_n_steps=25), ReconstructionReport(save_every_n_steps=100)],
             )
         else:
             trainer = lean_trainer(steps, callbacks=[timer])

@@ -1,4 +1,4 @@
-"""Callbacks: output writing, monitoring, and (later) loss schedules."""
+"""Callbacks: output writing, monitoring, divergence recovery and loss schedules."""
 from .guard import DivergenceGuard
 from .monitor import ReconstructionMonitor
 from .report import ReconstructionReport, comparison_grid

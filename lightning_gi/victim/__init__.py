@@ -7,14 +7,22 @@ from .datamodule import (
     TensorBatchVictim,
     VictimDataModule,
 )
-from .defenses import Defense, GaussianNoise
+from .defenses import Defense, GaussianNoise, GradientClipping, LaplaceNoise, LowPrecision, TopKPruning
 from .models import LeNet, reinitialise, torchvision_classifier
+from .threat_models import FedAvgClient, FedSGDClient, ThreatModelVictim
 
 __all__ = [
     "AttackInputs",
     "Defense",
     "FedSGDVictim",
+    "FedAvgClient",
+    "FedSGDClient",
     "GaussianNoise",
+    "GradientClipping",
+    "LaplaceNoise",
+    "LowPrecision",
+    "ThreatModelVictim",
+    "TopKPruning",
     "GroundTruth",
     "LeNet",
     "ObservationFileVictim",
