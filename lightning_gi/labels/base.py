@@ -1,6 +1,7 @@
 """Label recovery as a function of what the attacker has: (observation, victim model) -> labels."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
@@ -9,11 +10,12 @@ from torch import Tensor, nn
 from ..observation import GradientObservation, ObservationError
 
 
-class LabelStrategy:
+class LabelStrategy(ABC):
     """A label-recovery rule. Subclasses implement :meth:`recover`; attacks call the object."""
 
+    @abstractmethod
     def recover(self, observation: GradientObservation, model: nn.Module) -> Tensor:
-        raise NotImplementedError
+        """Labels [batch_size] from what the attacker has."""
 
     def __call__(self, observation: GradientObservation, model: nn.Module) -> Tensor:
         labels = self.recover(observation, model).long().reshape(-1).cpu()

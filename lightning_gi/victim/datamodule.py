@@ -10,6 +10,8 @@ ground truth (:meth:`VictimDataModule.ground_truth`), which only metric/monitor 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -66,7 +68,7 @@ def infer_num_classes(model: nn.Module) -> Optional[int]:
     return linears[-1].out_features if linears else None
 
 
-class VictimDataModule(pl.LightningDataModule):
+class VictimDataModule(pl.LightningDataModule, ABC):
     """Base: the victim model (any nn.Module), its weights and input geometry.
 
     Args:
@@ -134,8 +136,9 @@ class VictimDataModule(pl.LightningDataModule):
             )
 
     # ------------------------------------------------------------------ to override
+    @abstractmethod
     def build_observation(self) -> tuple[GradientObservation, Optional[GroundTruth]]:
-        raise NotImplementedError
+        """(what the server observes, the private batch for metrics or None when unknown)."""
 
     # ------------------------------------------------------------------ contract
     def setup(self, stage: Optional[str] = None) -> None:

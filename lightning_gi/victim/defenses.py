@@ -20,6 +20,8 @@ See docs/defenses.md for the statistics each one guarantees.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from typing import Optional
 
@@ -41,7 +43,7 @@ def _check_number(name: str, owner: str, value: float, low: float = 0.0, high: f
     return v
 
 
-class Defense:
+class Defense(ABC):
     """Base class: transform the shared gradient list. Randomness comes from an explicit seed.
 
     ``seed=None`` draws from torch's global RNG; with a seed every call draws the same noise (use
@@ -58,8 +60,9 @@ class Defense:
         g.manual_seed(self.seed)
         return g
 
+    @abstractmethod
     def apply(self, gradients: list[Tensor], generator: Optional[torch.Generator]) -> list[Tensor]:
-        raise NotImplementedError
+        """The defended copy of ``gradients``; draw any randomness from ``generator``."""
 
     def __call__(self, gradients: list[Tensor]) -> list[Tensor]:
         return self.apply([g.detach() for g in gradients], self._generator())

@@ -23,6 +23,8 @@ dummy images, through ``torch.func.functional_call``).
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -228,17 +230,17 @@ def simulate_shared_update(
 # --------------------------------------------------------------------------------------------------
 # Client computations (configurable objects)
 # --------------------------------------------------------------------------------------------------
-class ClientUpdate:
+class ClientUpdate(ABC):
     """What one client computes from its private batch before defenses. Subclasses implement
     :meth:`compute`; :meth:`metadata` records what the attacker must know to simulate it."""
 
     threat_model = "fedsgd"
 
+    @abstractmethod
     def compute(
         self, model: nn.Module, images: Tensor, labels: Tensor, client_index: int = 0
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
         """(shared tensors aligned with ``model.parameters()``, buffers after the client's computation)."""
-        raise NotImplementedError
 
     def __call__(self, model: nn.Module, images: Tensor, labels: Tensor, client_index: int = 0) -> list[Tensor]:
         return self.compute(model, images, labels, client_index)[0]
