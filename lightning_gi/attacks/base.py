@@ -222,14 +222,21 @@ class GradientInversionAttack(pl.LightningModule):
             return prior(images)
         return self.shard.evaluate_prior(prior, images, self.batch_size)
 
-    def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        """(total loss, matching distance, dummy images, prior terms) at the current unknowns."""
-        images, targets = self.dummy_batch()
-        distance = self.matching_distance(self.victim_gradients(images, targets))
+    def batch_objective(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], list[Tensor]]:
+        """(loss, matching distance, prior terms, victim gradients) of one dummy batch: the matching
+        distance plus the weighted priors, evaluated right after this batch's victim forward."""
+        grads = self.victim_gradients(images, targets)
+        distance = self.matching_distance(grads)
         terms = self.prior_terms(images)
         loss = distance
         for value in terms.values():
             loss = loss + value
+        return loss, distance, terms, grads
+
+    def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """(total loss, matching distance, dummy images, prior terms) at the current unknowns."""
+        images, targets = self.dummy_batch()
+        loss, distance, terms, _ = self.batch_objective(images, targets)
         return loss, distance, images, terms
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -292,11 +292,7 @@ class GIAS(GradientInversionAttack):
 
     # ------------------------------------------------------------------ objective
     def restart_objective(self, images: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        distance = self.matching_distance(self.victim_gradients(images, self.labels))
-        terms = self.prior_terms(images)
-        loss = distance
-        for value in terms.values():
-            loss = loss + value
+        loss, distance, terms, _ = self.batch_objective(images, self.labels)
         return loss, distance, terms
 
     def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:

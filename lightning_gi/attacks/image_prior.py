@@ -183,11 +183,7 @@ class ImagePriorAttack(GradientInversionAttack):
     # ------------------------------------------------------------------ the objective
     def restart_objective(self, images: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(loss, matching distance, prior terms) of ONE restart's batch ``images`` [N, C, H, W]."""
-        distance = self.matching_distance(self.victim_gradients(images, self.labels))
-        terms = self.prior_terms(images)  # right after this restart's forward (BN prior hooks)
-        loss = distance
-        for value in terms.values():
-            loss = loss + value
+        loss, distance, terms, _ = self.batch_objective(images, self.labels)
         return loss, distance, terms
 
     def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
@@ -228,7 +224,7 @@ class ImagePriorAttack(GradientInversionAttack):
     @torch.no_grad()
     def project(self) -> None:
         """Clamp every restart's dummies to the valid image range (per channel, in input space)."""
-        self.dummy_images.copy_(torch.maximum(torch.minimum(self.dummy_images, self.box_high), self.box_low))
+        self.dummy_images.clamp_(self.box_low, self.box_high)
 
     def configure_optimizers(self) -> Any:
         if self.milestone_fractions is None:

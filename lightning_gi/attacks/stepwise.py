@@ -137,12 +137,7 @@ class StepwiseInversion(ImagePriorAttack):
 
     # ------------------------------------------------------------------ objective: unmasked tracking
     def restart_objective(self, images: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        grads = self.victim_gradients(images, self.labels)
-        distance = self.matching_distance(grads)
-        terms = self.prior_terms(images)
-        loss = distance
-        for value in terms.values():
-            loss = loss + value
+        loss, distance, terms, grads = self.batch_objective(images, self.labels)
         tracked = distance
         if self.gradient_masks is not None:
             with torch.no_grad():
