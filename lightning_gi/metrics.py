@@ -24,7 +24,6 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from lightning_gi.checkpoints import (
     CHECKPOINTS_README,
     CorruptCheckpointError,
-    checkpoint_dirs,
     find_checkpoint,
     load_state_dict_file,
 )
@@ -37,6 +36,9 @@ __all__ = [
     "per_image_scores",
     "reconstruction_metrics",
     "ReconstructionQuality",
+    "SATURATION_THRESHOLD",
+    "saturated_fraction",
+    "saturation_warning",
     "ssim_kernel_size",
     "ssim_sigma",
 ]
@@ -156,16 +158,13 @@ def _backbone_file(net: str, backbone_path: Optional[Union[str, Path]]) -> str:
 
 
 def lpips_unavailable_reason(net: str = "alex", backbone_path: Optional[Union[str, Path]] = None) -> str:
-    """Why :func:`load_lpips` returns None for ``net`` (names the missing file); "" if the file is there."""
+    """Why :func:`load_lpips` returns None for ``net``, in one short line naming the missing file and where
+    torchvision's cache (``torch.hub.get_dir()/checkpoints``) expects it; "" if the file is there."""
     name = _backbone_file(net, backbone_path)
     if find_checkpoint(name) is not None:
         return ""
-    searched = ", ".join(str(d) for d in checkpoint_dirs())
-    return (
-        f"LPIPS ({_canonical_net(net)}) unavailable: backbone weights file '{name}' not found "
-        f"(searched: {searched}). Nothing is downloaded; put torchvision's '{Path(name).name}' in "
-        f"./checkpoints/ or set LIGHTNING_GI_CHECKPOINTS. See {CHECKPOINTS_README}."
-    )
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    return f"LPIPS off: to enable it, put {Path(name).name} in {hub} or ./checkpoints (nothing is downloaded)."
 
 
 def _backbone_state_for_lpips(source: dict[str, Tensor], target: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
@@ -256,6 +255,43 @@ def _lpips_scores(model: nn.Module, matched_reconstructions: Tensor, ground_trut
 
 
 # --------------------------------------------------------------------------------------------------
+# Saturation (a symptom of a wrong normalisation)
+# --------------------------------------------------------------------------------------------------
+SATURATION_THRESHOLD = 0.2
+_CLIP_TOL = 1.0 / 510.0  # half an 8-bit level: a pixel this close to 0 or 1 counts as clipped
+
+
+def saturated_fraction(images: Tensor) -> float:
+    """Share of the values of an image batch in [0, 1] that sit at 0 or 1 (clipped), in [0, 1]."""
+    x = images.detach().float()
+    if x.numel() == 0:
+        return 0.0
+    x = torch.nan_to_num(x, nan=0.5).clamp(0.0, 1.0)
+    return float(((x <= _CLIP_TOL) | (x >= 1.0 - _CLIP_TOL)).float().mean())
+
+
+def saturation_warning(
+    reconstructions: Tensor, ground_truth: Optional[Tensor] = None, threshold: float = SATURATION_THRESHOLD
+) -> Optional[str]:
+    """A one-line warning when more than ``threshold`` of the reconstruction's pixels are clipped at 0 or 1
+    (and, with a ground truth, clearly more than in it), else None.
+
+    A reconstruction optimised in the victim's input space is mapped to [0, 1] with the client's mean/std;
+    with a missing or wrong normalisation most pixels land outside [0, 1] and are clipped, so the image
+    looks saturated and its PSNR/SSIM under-report the leakage (issue 14: 11.9 dB instead of 70 dB).
+    """
+    frac = saturated_fraction(reconstructions)
+    reference = 0.0 if ground_truth is None else saturated_fraction(ground_truth)
+    if frac <= threshold or frac <= reference + 0.1:
+        return None
+    ref = "" if ground_truth is None else f" (ground truth: {reference:.0%})"
+    return (
+        f"reconstruction saturated: {frac:.0%} of pixels clipped at 0 or 1{ref}; the likely cause is a missing "
+        "or wrong normalisation (mean/std of the victim's input), which makes the scores under-report leakage"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
 def _labels_list(labels: Optional[Tensor], n: int, what: str) -> Optional[list[int]]:
@@ -278,8 +314,13 @@ def reconstruction_metrics(
     """JSON-serialisable quality report after one-to-one assignment (means over ground-truth images).
 
     Keys: mse, psnr, ssim, lpips (None without a model or when it cannot run), lpips_note,
-    label_accuracy (after assignment), label_multiset_accuracy (order-free), assignment,
-    num_images, per_image. PSNR of a perfect reconstruction is ``inf`` (``json.dumps`` writes Infinity).
+    label_accuracy (the headline label figure: order-free multiset accuracy, i.e. the share of true labels
+    found among the recovered ones, so a permutation scores 1.0), labels_off (true labels missed),
+    label_accuracy_paired (per-image: the label of the reconstruction paired with each ground-truth image by
+    the image assignment, which depends on how well noisy images pair up), label_multiset_accuracy (same
+    as label_accuracy), saturation (share of reconstruction pixels clipped at 0 or 1), saturation_warning
+    (see :func:`saturation_warning`), assignment, num_images, per_image. PSNR of a perfect reconstruction
+    is ``inf`` (``json.dumps`` writes Infinity).
     """
     _check_images(reconstructions, ground_truth)
     rec = reconstructions.detach().float().clamp(0.0, 1.0)
@@ -301,12 +342,13 @@ def reconstruction_metrics(
 
     rec_labels = _labels_list(reconstructed_labels, rec.shape[0], "reconstructed_labels")
     gt_labels = _labels_list(true_labels, n, "true_labels")
-    label_accuracy = multiset_accuracy = None
+    paired_accuracy = multiset_accuracy = labels_off = None
     assigned_labels: Optional[list[int]] = None
     if rec_labels is not None and gt_labels is not None:
         assigned_labels = [rec_labels[j] for j in perm.tolist()]
-        label_accuracy = sum(a == t for a, t in zip(assigned_labels, gt_labels)) / n
-        multiset_accuracy = sum((Counter(rec_labels) & Counter(gt_labels)).values()) / n
+        paired_accuracy = sum(a == t for a, t in zip(assigned_labels, gt_labels)) / n
+        hits = sum((Counter(rec_labels) & Counter(gt_labels)).values())
+        multiset_accuracy, labels_off = hits / n, n - hits
 
     mse, psnr, ssim = (scores[k].cpu().tolist() for k in ("mse", "psnr", "ssim"))
     per_image = [
@@ -328,8 +370,12 @@ def reconstruction_metrics(
         "ssim": float(scores["ssim"].mean()),
         "lpips": None if lpips_values is None else sum(lpips_values) / n,
         "lpips_note": note,
-        "label_accuracy": label_accuracy,
+        "label_accuracy": multiset_accuracy,
+        "labels_off": labels_off,
+        "label_accuracy_paired": paired_accuracy,
         "label_multiset_accuracy": multiset_accuracy,
+        "saturation": saturated_fraction(rec),
+        "saturation_warning": saturation_warning(rec, gt),
         "assignment": [int(j) for j in perm.tolist()],
         "num_images": n,
         "per_image": per_image,

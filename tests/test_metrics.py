@@ -17,6 +17,8 @@ from lightning_gi.metrics import (
     lpips_unavailable_reason,
     match_reconstructions,
     reconstruction_metrics,
+    saturated_fraction,
+    saturation_warning,
     ssim_kernel_size,
     ssim_sigma,
 )
@@ -100,10 +102,11 @@ def test_identical_images_are_perfect_and_report_is_json():
     assert report["num_images"] == 4
     assert report["lpips"] is None and isinstance(report["lpips_note"], str)
     assert report["label_accuracy"] is None and report["label_multiset_accuracy"] is None
+    assert report["labels_off"] is None and report["label_accuracy_paired"] is None
     json.dumps(report)
     assert set(report) == {
-        "mse", "psnr", "ssim", "lpips", "lpips_note", "label_accuracy", "label_multiset_accuracy",
-        "assignment", "num_images", "per_image",
+        "mse", "psnr", "ssim", "lpips", "lpips_note", "label_accuracy", "labels_off", "label_accuracy_paired",
+        "label_multiset_accuracy", "saturation", "saturation_warning", "assignment", "num_images", "per_image",
     }
 
 
@@ -113,22 +116,42 @@ def test_inputs_are_clamped():
     assert report["mse"] < 1e-6
 
 
-def test_label_accuracy_after_assignment_differs_from_multiset():
-    gt = _images(3)
-    rec = gt[[2, 0, 1]].clone()  # rec[0] is gt[2], rec[1] is gt[0], rec[2] is gt[1]
-    true_labels = torch.tensor([0, 1, 2])
-    # the right labels in index order, but the images are shuffled: after assignment the labels
-    # attached to gt[0], gt[1], gt[2] are rec_labels[1], rec_labels[2], rec_labels[0] = [1, 2, 0]
-    rec_labels = torch.tensor([0, 1, 2])
+def test_headline_label_accuracy_is_the_multiset_one():
+    """Issue 14.2: recovered [3,4,6,7] vs true [6,7,4,3] is a perfect label recovery (headline 1.0, 0 off),
+    whatever the image pairing; the per-image pairing figure is kept under its own name."""
+    gt = _images(4)
+    rec = gt[[2, 0, 3, 1]].clone()  # rec[0] is gt[2], rec[1] is gt[0], ...: assignment [1, 3, 0, 2]
+    true_labels = torch.tensor([6, 7, 4, 3])
+    rec_labels = torch.tensor([3, 4, 6, 7])
     report = reconstruction_metrics(rec, gt, rec_labels, true_labels)
-    assert report["assignment"] == [1, 2, 0]
+    assert report["assignment"] == [1, 3, 0, 2]
+    assert report["label_accuracy"] == 1.0 and report["labels_off"] == 0
     assert report["label_multiset_accuracy"] == 1.0
-    assert report["label_accuracy"] == 0.0
-    assert [p["label_reconstructed"] for p in report["per_image"]] == [1, 2, 0]
+    # labels attached to gt[0..3] by the image pairing: rec_labels[[1, 3, 0, 2]] = [4, 7, 3, 6]
+    assert [p["label_reconstructed"] for p in report["per_image"]] == [4, 7, 3, 6]
+    assert report["label_accuracy_paired"] == 0.25
     # a partial multiset match: one label wrong
-    report = reconstruction_metrics(rec, gt, torch.tensor([2, 0, 0]), true_labels)
-    assert report["label_accuracy"] == pytest.approx(2 / 3)
-    assert report["label_multiset_accuracy"] == pytest.approx(2 / 3)
+    report = reconstruction_metrics(rec, gt, torch.tensor([3, 4, 6, 6]), true_labels)
+    assert report["label_accuracy"] == pytest.approx(3 / 4) and report["labels_off"] == 1
+
+
+def test_saturation_warning_fires_on_unnormalised_reconstruction():
+    """Issue 14.1: a client normalising with mean 0.5 / std 0.25 but an attack without mean/std maps the
+    recovered input x to x (not 0.25 x + 0.5): most pixels fall outside [0, 1] and are clipped."""
+    gt = _images(4, h=32, w=32)
+    normalised = (gt - 0.5) / 0.25  # what the victim saw, recovered perfectly
+    unnormalised = normalised.clamp(0, 1)  # shown without de-normalising: mostly 0 or 1
+    report = reconstruction_metrics(unnormalised, gt)
+    assert report["saturation"] > 0.5
+    assert "normalisation" in report["saturation_warning"] and "mean/std" in report["saturation_warning"]
+    good = reconstruction_metrics((gt + 0.02).clamp(0, 1), gt)
+    assert good["saturation"] < 0.1 and good["saturation_warning"] is None
+    # a ground truth that is itself mostly black (MNIST-like) does not trigger it
+    dark = torch.zeros(2, 1, 16, 16)
+    dark[..., 4:8, 4:8] = 0.7
+    assert reconstruction_metrics(dark.clone(), dark)["saturation_warning"] is None
+    assert saturation_warning(unnormalised) is not None and saturation_warning(gt) is None
+    assert saturated_fraction(torch.tensor([0.0, 1.0, 0.5, 0.3])) == 0.5
 
 
 def test_small_images_use_small_ssim_kernel():
@@ -171,7 +194,9 @@ def test_reconstruction_quality_metric_accumulates():
 def test_lpips_missing_backbone_returns_none_with_reason(isolated_checkpoints):
     assert load_lpips("alex") is None
     reason = lpips_unavailable_reason("alex")
-    assert ALEX_FILE in reason and "checkpoints/README.md" in reason
+    # issue 14.12: one short line that names the file and torchvision's own cache directory
+    assert ALEX_FILE in reason and str(Path(torch.hub.get_dir()) / "checkpoints") in reason
+    assert "\n" not in reason and len(reason.replace(str(torch.hub.get_dir()), "")) < 100
     assert LPIPS_BACKBONE_FILES["vgg"] in lpips_unavailable_reason("vgg")
     report = reconstruction_metrics(_images(2), _images(2), lpips_model=None, lpips_note=reason)
     assert report["lpips"] is None and report["lpips_note"] == reason
@@ -211,3 +236,17 @@ def test_lpips_truncated_or_mismatched_file_raises(isolated_checkpoints, alexnet
     torch.save(wrong, bad_shape)
     with pytest.raises(CorruptCheckpointError, match="features.3.weight|slice2.3.weight"):
         load_lpips("alex", backbone_path=bad_shape)
+
+
+def test_lpips_backbone_in_torchvision_cache_is_used(isolated_checkpoints, alexnet_state, tmp_path):
+    """Issue 14.12: the file where torchvision itself looks ($TORCH_HOME/hub/checkpoints) enables LPIPS."""
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    assert ALEX_FILE in lpips_unavailable_reason("alex")
+    torch.save(alexnet_state, hub / ALEX_FILE)  # random AlexNet weights in torchvision's format
+    assert lpips_unavailable_reason("alex") == ""
+    model = load_lpips("alex")
+    assert model is not None
+    gt = _images(2, h=64, w=64, seed=7)
+    report = reconstruction_metrics(_images(2, h=64, w=64, seed=8), gt, lpips_model=model)
+    assert report["lpips"] is not None and report["lpips"] > 0 and report["lpips_note"] is None
