@@ -14,7 +14,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def single_thread() -> None:
-    """Benchmarks run with one thread: under load, 2 OpenMP threads busy-wait (LIGHTNING_FACTS.md)."""
+    """Benchmarks run with one thread: under load, 2 OpenMP threads busy-wait (docs/performance_notes.md)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     from lightning_gi.cli import quiet_known_warnings

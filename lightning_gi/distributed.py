@@ -16,7 +16,7 @@ run starts where the single-process run starts. Each step, rank k
 Why the backward is the identity: every rank computes ``L(S)`` with ``S = sum_k s_k(x_k)``; the true gradient
 for rank k is ``L'(S) ds_k/dx_k``, and ``L'(S)`` is already identical on all ranks.
 ``torch.distributed.nn.functional.all_reduce`` all-reduces in backward too, which makes the shard gradients
-exactly G times too large (LIGHTNING_FACTS.md).
+exactly G times too large (docs/performance_notes.md).
 
 Priors under sharding (:meth:`Shard.evaluate_prior`): a prior that averages over images (total variation,
 the L2 image norm, any prior without ``batch_reduction = "sum"``) is the ``n_k / N``-weighted sum of the
