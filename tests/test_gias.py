@@ -64,13 +64,68 @@ def test_gias_dcgan_tiny_lowers_loss_and_switches_phase(lean_trainer_kwargs):
     assert rec["images"].shape == (2, 3, 32, 32) and rec["latent_phase_images"].shape == (2, 3, 32, 32)
     assert len(rec["restart_losses"]) == 2
     assert rec["latent_phase_matching_distance"] < initial
-    assert rec["matching_distance"] <= rec["latent_phase_matching_distance"]
     # the shared generator is frozen, the per-image copies were trained, the latents were fixed in phase 2
     for k, v in gen.state_dict().items():
         assert torch.equal(v, base_before[k]), k
     assert any(not torch.equal(a, b) for a, b in zip(copies_before, attack.synthesis_copies.parameters()))
     assert len(attack.synthesis_copies) == 2
     assert not attack.latents.requires_grad
+
+
+def _final_distance(attack: GIAS, images: torch.Tensor) -> float:
+    with torch.enable_grad():
+        return float(attack.matching_distance([g.detach() for g in attack.victim_gradients(images, attack.labels)]))
+
+
+def test_gias_best_latent_iterate_is_consistent(lean_trainer_kwargs):
+    """Item 4: the stored best latent regenerates exactly the stored best image (and its distance), and the
+    parameter phase starts from exactly that image. A large constant lr makes the latent search oscillate,
+    so its best iterate is not the last one (the case where the old code paired the post-step latent with
+    the pre-step image)."""
+    gen = tiny_dcgan()
+    dm = victim_batch(gen)
+    attack = GIAS(generator=gen, latent_steps=10, param_steps=2, latent_lr=2.0, milestone_fractions=None, restarts=1, label_strategy=SharedLabels(), seed=3)
+    fit(attack, dm, lean_trainer_kwargs)
+    lead = attack.leading_restart()
+    with torch.no_grad():
+        last_latent_image = attack.latent_images(attack.latents[lead].unsqueeze(0))[0]  # latents frozen at the switch
+        regenerated = attack.latent_images(attack.best_latents[lead].unsqueeze(0))[0]
+        phase2_start = attack.output_map(attack.generator.synthesis_network()(attack.fixed_input))
+    assert (last_latent_image - attack.latent_phase_images).abs().max() > 1e-3  # the best is not the last iterate
+    assert torch.allclose(regenerated, attack.latent_phase_images, atol=1e-5)
+    assert torch.allclose(phase2_start, attack.latent_phase_images, atol=1e-5)
+    assert _final_distance(attack, regenerated) == pytest.approx(float(attack.latent_phase_best_loss), rel=1e-4, abs=1e-7)
+
+
+def test_gias_best_parameter_iterate_is_consistent(lean_trainer_kwargs):
+    """Item 4, parameter phase: the kept synthesis copies regenerate the reported best images and distance."""
+    gen = tiny_dcgan()
+    dm = victim_batch(tiny_dcgan(5), seed=2)
+    attack = GIAS(generator=gen, latent_steps=4, param_steps=8, param_lr=0.05, milestone_fractions=None, label_strategy=SharedLabels(), seed=3)
+    fit(attack, dm, lean_trainer_kwargs)
+    copies = attack.best_synthesis_copies()
+    with torch.no_grad():
+        best = attack.output_map(torch.cat([net(attack.fixed_input[i : i + 1]) for i, net in enumerate(copies)]))
+    assert torch.allclose(best, attack.best_images, atol=1e-5)
+    assert _final_distance(attack, best) == pytest.approx(float(attack.best_loss), rel=1e-4, abs=1e-7)
+
+
+def test_gias_parameter_phase_improves_on_latent_phase(lean_trainer_kwargs):
+    """The parameter phase's LAST iterate matches the gradient better than the latent phase's best, and the
+    reported images are closer to the private ones (PSNR), for images outside the generator's range."""
+    from lightning_gi.metrics import reconstruction_metrics
+
+    dm = victim_batch(tiny_dcgan(5), seed=2)  # private images from another generator
+    attack = GIAS(generator=tiny_dcgan(), latent_steps=20, param_steps=40, latent_lr=0.05, param_lr=1e-2, label_strategy=SharedLabels(), seed=3)
+    fit(attack, dm, lean_trainer_kwargs)
+    rec = attack.reconstruction()
+    with torch.no_grad():
+        final_images = attack.parameter_images()
+    assert _final_distance(attack, final_images) < 0.5 * rec["latent_phase_matching_distance"]
+    gt = dm.ground_truth().images
+    psnr_latent = float(reconstruction_metrics(rec["latent_phase_images"], gt)["psnr"])
+    psnr_final = float(reconstruction_metrics(rec["images"], gt)["psnr"])
+    assert psnr_final > psnr_latent + 0.5
 
 
 def test_gias_latent_only_and_stylegan2_wplus_pooled(lean_trainer_kwargs):
@@ -163,3 +218,35 @@ def test_giml_config_parses():
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(ROOT / "configs/giml/dcgan_photos.yaml"), "--print_config"])
     assert info.value.code in (0, None)
+
+
+@pytest.mark.parametrize("victim_size", [8, 16])
+def test_gias_average_pools_stylegan2_output_to_victim_size(victim_size, lean_trainer_kwargs):
+    """Item 7: a 32 px generator average-pooled by 32 // victim_size (the authors pool 512 px by 8 to 64 px)."""
+    torch.manual_seed(0)
+    sg = StyleGAN2Generator(z_dim=8, w_dim=8, img_resolution=32, mapping_kwargs=dict(num_layers=2), synthesis_kwargs=dict(channel_base=64, channel_max=8)).eval()
+    dm = victim_batch(sg, n=2, size=victim_size)
+    attack = GIAS(generator=sg, latent_space="w+", latent_steps=2, param_steps=1, label_strategy=SharedLabels())
+    fit(attack, dm, lean_trainer_kwargs)
+    assert attack.reconstruction()["images"].shape == (2, 3, victim_size, victim_size)
+    # the map is block averaging: each victim pixel is the mean of its k x k block of generator pixels
+    k = 32 // victim_size
+    with torch.no_grad():
+        raw = sg.synthesis(attack.fixed_input)
+        blocks = ((raw + 1) / 2).reshape(2, 3, victim_size, k, victim_size, k).mean(dim=(3, 5))
+        mapped = attack.output_map(raw) * attack.inputs.std + attack.inputs.mean
+    assert torch.allclose(mapped, blocks, atol=1e-6)
+
+
+def test_gias_rejects_non_integer_pooling_factor():
+    from lightning_gi.attacks.gias import GenerativeOutput
+
+    torch.manual_seed(0)
+    sg = StyleGAN2Generator(z_dim=8, w_dim=8, img_resolution=32, mapping_kwargs=dict(num_layers=2), synthesis_kwargs=dict(channel_base=64, channel_max=8)).eval()
+    with pytest.raises(ValueError, match="integer multiple"):  # fails at bind, before any step
+        GIAS(generator=sg, latent_space="w+", label_strategy=SharedLabels()).bind(victim_batch(sg, n=2, size=12).attack_inputs())
+    out = GenerativeOutput((-1.0, 1.0), (3, 12, 12), torch.zeros(3, 1, 1), torch.ones(3, 1, 1))
+    with pytest.raises(ValueError, match="integer multiple"):
+        out(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="integer multiple"):  # no silent upsampling either
+        out(torch.zeros(1, 3, 8, 8))

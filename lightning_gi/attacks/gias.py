@@ -13,8 +13,9 @@ Given a generator ``G`` pretrained on (an approximation of) the client's data di
 
        theta_i* = argmin_{theta_1..theta_N}  D(grad_W L(A(G_{theta_i}(z*_i))_i, y), g) + a_TV TV(...)
 
-``A`` maps the generator output (range [-1, 1]) to [0, 1], average-pools it to the victim's resolution (the
-paper's 64x64 ImageNet setting pools StyleGAN2's output) and applies the victim's normalisation. ``D`` is the
+``A`` maps the generator output (range [-1, 1]) to [0, 1], average-pools it by an integer factor to the victim's
+resolution (the authors' 64x64 ImageNet setting pools a 512 px StyleGAN2 by 8; a resolution that is not an integer
+multiple of the victim's raises ``ValueError`` at bind) and applies the victim's normalisation. ``D`` is the
 cosine distance over all gradient tensors, TV weight 1e-6, MultiStepLR (gamma 0.1) at 3/8, 5/8, 7/8 of each
 phase, labels from the gradient (or shared labels).
 
@@ -24,8 +25,12 @@ optimiser and the parameter optimiser (each with its MultiStepLR); ``training_st
 latents, from then on only the generator copies are unknowns). With ``trainer.max_steps=-1`` the attack stops
 itself after ``latent_steps + param_steps`` steps; a smaller ``max_steps`` truncates the schedule.
 
-The best iterate is kept by matching distance over both phases; :meth:`reconstruction` also returns the
-latent phase's best images (``latent_phase_images``) so the gain of the parameter phase can be measured.
+The best iterate is kept by matching distance over both phases, and it is one consistent point: the distance,
+the images, the latents and (parameter phase, ``keep_best_generator``) the synthesis copies' weights are all
+recorded before the optimiser step moves them, so the stored latent regenerates exactly the stored image and
+the parameter phase starts from exactly the latent phase's best image. :meth:`reconstruction` also returns the
+latent phase's best images (``latent_phase_images``) so the gain of the parameter phase can be measured;
+:meth:`best_synthesis_copies` rebuilds the generator copies of the best iterate.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ from ..objectives.priors import TotalVariation
 from .base import GradientInversionAttack
 from .image_prior import INVERTING_GRADIENTS_MILESTONES, DistanceFn, milestones_from_fractions
 
-__all__ = ["GIAS", "build_generator", "generator_to_unit", "GenerativeOutput"]
+__all__ = ["GIAS", "build_generator", "generator_to_unit", "GenerativeOutput", "pooling_factor", "generator_resolution"]
 
 
 def _adam(params: Any) -> torch.optim.Optimizer:  # placeholder for the base class (GIAS builds its own)
@@ -79,20 +84,56 @@ def build_generator(
     return create_generator(generator, pretrained=pretrained and checkpoint_path is None and wanted == cfg.file, checkpoint_path=wanted, **(generator_kwargs or {}))
 
 
+def generator_resolution(generator: nn.Module) -> Optional[int]:
+    """The generator's output size in pixels when it declares one (``img_resolution``/``resolution``)."""
+    for name in ("img_resolution", "resolution"):
+        value = getattr(generator, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def generator_to_unit(raw: Tensor, output_range: Sequence[float] = (-1.0, 1.0)) -> Tensor:
     lo, hi = float(output_range[0]), float(output_range[1])
     return (raw - lo) / (hi - lo)
 
 
-class GenerativeOutput(nn.Module):
-    """Generator output -> victim input: to [0, 1], resize (average pooling when shrinking), normalise."""
+def pooling_factor(generator_resolution: int, victim_resolution: int) -> int:
+    """Integer average-pooling factor from the generator's output size to the victim's input size.
 
-    def __init__(self, output_range: Sequence[float], image_shape: Sequence[int], mean: Tensor, std: Tensor) -> None:
+    GIAS's ImageNet setting (the authors' ``rec_mult.py``) average-pools a 512 px StyleGAN2 by 512 // 64 = 8
+    to the 64 px victim; only integer factors are pooled (anything else would resample the image)."""
+    g, v = int(generator_resolution), int(victim_resolution)
+    if v < 1 or g < v or g % v:
+        raise ValueError(
+            f"the generator's {g} px output cannot be average-pooled to the victim's {v} px input: "
+            f"the generator resolution must be an integer multiple of the victim's"
+        )
+    return g // v
+
+
+class GenerativeOutput(nn.Module):
+    """Generator output -> victim input: to [0, 1], average pooling by an integer factor, normalise.
+
+    ``generator_resolution`` (when known) is checked against the victim's size at construction, so a
+    mismatch fails before any optimisation step."""
+
+    def __init__(
+        self,
+        output_range: Sequence[float],
+        image_shape: Sequence[int],
+        mean: Tensor,
+        std: Tensor,
+        generator_resolution: Optional[int] = None,
+    ) -> None:
         super().__init__()
         self.output_range = tuple(float(v) for v in output_range)
         self.image_shape = tuple(int(v) for v in image_shape)
         self.register_buffer("mean", mean.clone().float(), persistent=False)
         self.register_buffer("std", std.clone().float(), persistent=False)
+        if generator_resolution is not None:
+            pooling_factor(generator_resolution, self.image_shape[1])
+            pooling_factor(generator_resolution, self.image_shape[2])
 
     def forward(self, raw: Tensor) -> Tensor:
         c, h, w = self.image_shape
@@ -105,10 +146,8 @@ class GenerativeOutput(nn.Module):
             else:
                 raise ValueError(f"generator gives {x.shape[1]} channels, the victim takes {c}")
         if tuple(x.shape[-2:]) != (h, w):
-            if x.shape[-2] >= h and x.shape[-1] >= w:
-                x = F.adaptive_avg_pool2d(x, (h, w))
-            else:
-                x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+            kh, kw = pooling_factor(x.shape[-2], h), pooling_factor(x.shape[-1], w)
+            x = F.avg_pool2d(x, kernel_size=(kh, kw), stride=(kh, kw))
         return (x - self.mean.to(x)) / self.std.to(x)
 
 
@@ -133,6 +172,8 @@ class GIAS(GradientInversionAttack):
         label_strategy: label recovery (default iDLG / negative-row rule; ``SharedLabels`` as in the paper).
         distance: gradient distance (default :class:`CosineDistance`).
         priors: image priors on the victim-space images (default ``[TotalVariation(1e-6)]``).
+        keep_best_generator: keep the synthesis copies' weights of the best parameter-phase iterate (one more
+            set of copies in memory) for :meth:`best_synthesis_copies`.
         seed: seed of the latent initialisations.
     """
 
@@ -157,6 +198,7 @@ class GIAS(GradientInversionAttack):
         label_strategy: Optional[LabelStrategy] = None,
         distance: Optional[DistanceFn] = None,
         priors: Optional[list[nn.Module]] = None,
+        keep_best_generator: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -194,6 +236,8 @@ class GIAS(GradientInversionAttack):
         self.truncation_psi = float(truncation_psi)
         self.noise_mode = noise_mode
         self.latent_l2 = float(latent_l2)
+        self.keep_best_generator = bool(keep_best_generator)
+        self._num_best_copy_params = 0
         for prior in [TotalVariation(weight=1e-6)] if priors is None else priors:
             if not isinstance(prior, nn.Module) or not hasattr(prior, "weight"):
                 raise TypeError(f"a prior must be an nn.Module with a 'weight' attribute, got {prior!r}")
@@ -230,7 +274,13 @@ class GIAS(GradientInversionAttack):
         if self.latent_space not in getattr(self.generator, "latent_spaces", ("z",)):
             raise ValueError(f"{type(self.generator).__name__} has latent spaces {self.generator.latent_spaces}, not {self.latent_space!r}")
         n, r = self.batch_size, self.restarts
-        self.output_map = GenerativeOutput(getattr(self.generator, "output_range", (-1.0, 1.0)), self.inputs.image_shape, self.inputs.mean, self.inputs.std)
+        self.output_map = GenerativeOutput(
+            getattr(self.generator, "output_range", (-1.0, 1.0)),
+            self.inputs.image_shape,
+            self.inputs.mean,
+            self.inputs.std,
+            generator_resolution=generator_resolution(self.generator),
+        )
         lat = self.generator.sample_latents(r * n, self.latent_space, generator=generator, truncation_psi=self.truncation_psi)
         self.latents = nn.Parameter(lat.detach().cpu().reshape(r, n, *lat.shape[1:]).clone())
         with torch.no_grad():
@@ -254,11 +304,22 @@ class GIAS(GradientInversionAttack):
         dev = self.latents.device
         shape = (self.restarts, self.batch_size, *self.inputs.image_shape)
         self.register_buffer("restart_best_loss", torch.full((self.restarts,), math.inf, device=dev))
+        # index of the latent iterate each restart's best comes from (k: the latents before the k-th update)
+        self.register_buffer("restart_best_step", torch.full((self.restarts,), -1, dtype=torch.long, device=dev))
         self.register_buffer("restart_best_images", torch.zeros(shape, device=dev))
         self.register_buffer("latent_phase_best_loss", torch.tensor(math.inf, device=dev))
         self.register_buffer("latent_phase_images", torch.zeros(shape[1:], device=dev))
         self.register_buffer("best_images", torch.zeros(shape[1:], device=dev))
+        if self.keep_best_generator:  # buffers: they follow the module's device and are checkpointed
+            params = list(self.synthesis_copies.parameters())
+            for i, p in enumerate(params):
+                self.register_buffer(f"best_copy_param_{i}", p.detach().clone())
+            self._num_best_copy_params = len(params)
         return self
+
+    @property
+    def _best_copy_params(self) -> list[Tensor]:
+        return [getattr(self, f"best_copy_param_{i}") for i in range(self._num_best_copy_params)]
 
     def train(self, mode: bool = True) -> "GIAS":
         super().train(mode)
@@ -374,9 +435,10 @@ class GIAS(GradientInversionAttack):
         opt.zero_grad()
         loss, distance, images, terms = self.objective()
         self.manual_backward(loss)
+        # record the iterate these values belong to BEFORE the step moves the latents / copies
+        self.update_phase_best(distance.detach(), images.detach(), step=self.step_count)
         opt.step()
         sched.step()
-        self.update_phase_best(distance.detach(), images.detach())
         self.step_count += 1
         self.log("matching_distance", distance.detach().min(), prog_bar=True)
         for name, value in terms.items():
@@ -391,17 +453,35 @@ class GIAS(GradientInversionAttack):
             warnings.warn(f"trainer.max_steps={max_steps} < latent_steps + param_steps = {self.total_steps}: the GIAS schedule is truncated")
 
     # ------------------------------------------------------------------ best iterate
-    def update_phase_best(self, distance: Tensor, images: Tensor) -> None:
+    def update_phase_best(self, distance: Tensor, images: Tensor, step: int = -1) -> None:
+        """Keep the best iterate; ``distance`` and ``images`` must come from the CURRENT unknowns (call it
+        before the optimiser step), so that latents / copies, images and distance are one point."""
         if self.phase == "latent":
             better = distance < self.restart_best_loss
             self.restart_best_loss = torch.where(better, distance, self.restart_best_loss)
+            self.restart_best_step = torch.where(better, torch.full_like(self.restart_best_step, step), self.restart_best_step)
             view = better.view(-1, *([1] * (images.dim() - 1)))
             self.restart_best_images = torch.where(view, images, self.restart_best_images)
             self.best_latents = torch.where(better.view(-1, *([1] * (self.latents.dim() - 1))), self.latents.detach(), self.best_latents)
             lead = torch.argmin(self.restart_best_loss)
             self.update_best(self.restart_best_loss[lead], self.restart_best_images[lead])
         else:
+            better = distance < self.best_loss
             self.update_best(distance, images)
+            if self._best_copy_params:
+                with torch.no_grad():
+                    for buf, p in zip(self._best_copy_params, self.synthesis_copies.parameters()):
+                        buf.copy_(torch.where(better, p.detach(), buf))
+
+    @torch.no_grad()
+    def best_synthesis_copies(self) -> nn.ModuleList:
+        """The per-image synthesis copies at the best parameter-phase iterate (needs ``keep_best_generator``)."""
+        if not self._best_copy_params:
+            raise RuntimeError("best_synthesis_copies needs keep_best_generator=True and a parameter phase")
+        copies = copy.deepcopy(self.synthesis_copies)
+        for p, buf in zip(copies.parameters(), self._best_copy_params):
+            p.copy_(buf)
+        return copies
 
     def evaluate_final_iterate(self) -> None:
         with torch.inference_mode(False), torch.enable_grad():
@@ -412,7 +492,7 @@ class GIAS(GradientInversionAttack):
                 imgs = self.latent_images()
                 d = torch.stack([self.matching_distance([g.detach() for g in self.victim_gradients(imgs[r], self.labels)]).detach() for r in range(self.restarts)])
                 images = imgs
-        self.update_phase_best(d, images.detach())
+        self.update_phase_best(d, images.detach(), step=self.step_count)
         if self.phase == "latent":
             lead = self.leading_restart()
             self.latent_phase_best_loss.copy_(self.restart_best_loss[lead])
@@ -438,6 +518,7 @@ class GIAS(GradientInversionAttack):
                 "latent_phase_matching_distance": float(self.latent_phase_best_loss),
                 "latent_phase_images": to_img(self.latent_phase_images).clamp(0, 1).detach().cpu().float(),
                 "restart_losses": [float(v) for v in self.restart_best_loss],
+                "latent_phase_best_step": int(self.restart_best_step[self.leading_restart()]),
                 "best_restart": int(self.leading_restart()),
                 "latents": self.best_latents[self.leading_restart()].detach().cpu(),
             }
