@@ -1,11 +1,14 @@
 """Victim architectures: the DLG sigmoid LeNet and torchvision classifiers by name.
 
 Any ``nn.Module`` can be a victim (configs give ``class_path`` + ``init_args``); these are the ones the
-papers use. Pretrained weights load only from local files (see checkpoints/README.md).
+papers use. Pretrained weights load only from local files (see checkpoints/README.md). An untrained victim
+(``model_seed``) is rebuilt through its own constructor under the seed (:func:`reinitialise`), so it carries
+the architecture's own initialisation, exactly as ``torch.manual_seed(seed); Model(**kwargs)``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -35,6 +38,8 @@ class LeNet(nn.Module):
         )
         self.fc = nn.Linear(width * (image_size // 4) ** 2, num_classes)
         self.init_weights()
+        if type(self) is LeNet:
+            remember_builder(self, LeNet, num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
 
     def init_weights(self) -> None:
         """DLG's initialisation: every weight and bias uniform(-0.5, 0.5) (global RNG)."""
@@ -45,19 +50,90 @@ class LeNet(nn.Module):
         return self.fc(self.body(x).flatten(1))
 
 
-def reinitialise(model: nn.Module, seed: int) -> nn.Module:
-    """Re-draw a model's random initialisation from ``seed`` (for 'random network per seed' studies).
+_BUILDER_ATTR = "_lightning_gi_builder"
 
-    Calls ``reset_parameters`` on every submodule that has it, then the model's own ``init_weights``
-    when present, under a forked RNG so the global stream is untouched.
+
+def remember_builder(model: nn.Module, builder: Callable[..., nn.Module], **kwargs: Any) -> nn.Module:
+    """Record how ``model`` was built (``builder(**kwargs)``) so :func:`reinitialise` can rebuild it exactly.
+
+    :class:`LeNet` and :func:`torchvision_classifier` record themselves; call this for a user model whose
+    constructor arguments are not stored as attributes of the same names.
     """
+    if not callable(builder):
+        raise TypeError(f"builder must be callable, got {type(builder).__name__}")
+    object.__setattr__(model, _BUILDER_ATTR, (builder, dict(kwargs)))
+    return model
+
+
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def _builder_of(model: nn.Module) -> tuple[Callable[..., nn.Module], dict[str, Any]]:
+    """(builder, kwargs): the recorded one, else ``type(model)`` with its constructor arguments read back from
+    same-named attributes of the instance (constructor defaults for the others)."""
+    recorded = getattr(model, _BUILDER_ATTR, None)
+    if recorded is not None:
+        return recorded
+    cls = type(model)
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is None:
+        raise ValueError(f"cannot read the constructor of {cls.__name__}: use remember_builder() to seed it")
+    kwargs: dict[str, Any] = {}
+    for name, par in sig.parameters.items():
+        if par.kind in (par.VAR_POSITIONAL, par.VAR_KEYWORD):
+            continue
+        value = model.__dict__.get(name, inspect.Parameter.empty)
+        if value is not inspect.Parameter.empty and _is_plain(value):
+            kwargs[name] = value
+        elif par.default is inspect.Parameter.empty:
+            raise ValueError(
+                f"cannot rebuild {cls.__name__} for model_seed: its constructor argument '{name}' is not stored "
+                f"on the instance; call lightning_gi.victim.models.remember_builder(model, {cls.__name__}, ...)"
+            )
+    return cls, kwargs
+
+
+def seeded_build(builder: Callable[..., nn.Module], seed: int, **kwargs: Any) -> nn.Module:
+    """``torch.manual_seed(seed); builder(**kwargs)`` on a forked CPU RNG: the global stream is untouched."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for m in model.modules():
-            if m is not model and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-        if hasattr(model, "init_weights"):
-            model.init_weights()
+        torch.manual_seed(int(seed))
+        return builder(**kwargs)
+
+
+def reinitialise(model: nn.Module, seed: int) -> nn.Module:
+    """Re-draw a model's random initialisation from ``seed`` with the architecture's own init (in place).
+
+    The model is rebuilt through its own constructor under ``torch.manual_seed(seed)`` (forked RNG, so the
+    global stream is untouched) and the fresh parameters and buffers are copied in, so the result equals
+    ``torch.manual_seed(seed); Model(**kwargs)`` exactly: torchvision's kaiming_normal(fan_out) ResNet init,
+    DLG's uniform(-0.5, 0.5) LeNet init, a user class's own init. Constructor arguments come from
+    :func:`remember_builder` records (LeNet, torchvision_classifier) or same-named instance attributes.
+    A ``weights_path`` recorded by :func:`torchvision_classifier` is dropped: a seed means untrained.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"model seed must be an int, got {seed!r}")
+    builder, kwargs = _builder_of(model)
+    if builder is torchvision_classifier:
+        kwargs = {**kwargs, "weights_path": None}
+    fresh = seeded_build(builder, seed, **kwargs)
+    own, new = model.state_dict(), fresh.state_dict()
+    if own.keys() != new.keys() or any(own[k].shape != new[k].shape for k in own):
+        bad = sorted(k for k in own.keys() ^ new.keys())[:3] or [k for k in own if own[k].shape != new[k].shape][:3]
+        raise ValueError(
+            f"rebuilding {type(model).__name__} from its constructor gave different parameters ({bad}); "
+            f"record the exact constructor with lightning_gi.victim.models.remember_builder"
+        )
+    with torch.no_grad():
+        model.load_state_dict(new, strict=True)
     return model
 
 
@@ -81,50 +157,65 @@ def torchvision_classifier(
 ) -> nn.Module:
     """A torchvision classification model by name (``resnet18``, ``resnet34``, ``vgg11``, ...).
 
-    With ``weights_path`` the file's state dict is loaded (e.g. torchvision's ImageNet file
-    ``resnet34-b627a593.pth``, resolved through checkpoints/); the classifier head is replaced only when
-    ``num_classes`` differs from the file's. Nothing is downloaded.
+    Built with ``num_classes`` directly, so the classifier head gets the architecture's own initialisation
+    (global RNG, like any constructor: seed it with ``model_seed``). With ``weights_path`` the file's state
+    dict is loaded (e.g. torchvision's ImageNet file ``resnet34-b627a593.pth``, resolved through
+    checkpoints/); when ``num_classes`` differs from the file's, every weight but the head's is loaded and
+    the head keeps its fresh initialisation. ``in_channels != 3`` replaces the first convolution by one of
+    the same geometry initialised like the architecture's (kaiming_normal fan_out for ResNet/VGG/MobileNet/
+    EfficientNet/MNASNet/RegNet, PyTorch's default otherwise). Nothing is downloaded.
     """
     import torchvision
 
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     try:
         builder = torchvision.models.get_model_builder(name)
     except ValueError as err:
         raise ValueError(f"unknown torchvision model '{name}': {err}") from None
-    if weights_path is None:
-        model = builder(weights=None, num_classes=num_classes)
-    else:
+    model = builder(weights=None, num_classes=num_classes)
+    if weights_path is not None:
         sd = load_state_dict_file(weights_path, what=f"torchvision {name} weights")
-        head = [k for k, v in sd.items() if k.endswith("weight") and v.ndim == 2][-1:]
-        file_classes = int(sd[head[0]].shape[0]) if head else num_classes
-        model = builder(weights=None, num_classes=file_classes)
+        head = _head_keys(model)
+        file_classes = [int(sd[k].shape[0]) for k in head if k in sd and k.endswith("weight")]
+        if file_classes and file_classes[0] != num_classes:
+            sd = {k: v for k, v in sd.items() if k not in head}
         try:
-            model.load_state_dict(sd, strict=True)
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            if unexpected or [k for k in missing if not (file_classes and k in head)]:
+                raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
         except RuntimeError as err:
             raise CorruptCheckpointError(f"weights file '{weights_path}' does not fit torchvision {name}: {err}") from None
-        if file_classes != num_classes:
-            _replace_head(model, num_classes)
     if in_channels != 3:
-        _replace_stem(model, in_channels)
-    return model
+        _replace_stem(model, in_channels, name)
+    return remember_builder(
+        model, torchvision_classifier, name=name, num_classes=num_classes, weights_path=weights_path, in_channels=in_channels
+    )
 
 
-def _replace_head(model: nn.Module, num_classes: int) -> None:
-    for attr in ("fc", "classifier", "head"):
-        mod = getattr(model, attr, None)
-        if isinstance(mod, nn.Linear):
-            setattr(model, attr, nn.Linear(mod.in_features, num_classes))
-            return
-        if isinstance(mod, nn.Sequential) and isinstance(mod[-1], nn.Linear):
-            mod[-1] = nn.Linear(mod[-1].in_features, num_classes)
-            return
-    raise ValueError(f"cannot find the classifier head of {type(model).__name__} to resize it")
+def _head_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the classifier head (the last nn.Linear)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"cannot find the classifier head of {type(model).__name__}")
+    return {f"{names[-1]}.weight", f"{names[-1]}.bias"}
 
 
-def _replace_stem(model: nn.Module, in_channels: int) -> None:
-    for name, mod in model.named_modules():
+_FAN_OUT_FAMILIES = ("resnet", "resnext", "wide_resnet", "vgg", "mobilenet", "efficientnet", "mnasnet", "regnet")
+
+
+def _replace_stem(model: nn.Module, in_channels: int, name: str = "") -> None:
+    for path, mod in model.named_modules():
         if isinstance(mod, nn.Conv2d):
-            new = nn.Conv2d(in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, bias=mod.bias is not None)
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], new)
+            new = nn.Conv2d(
+                in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                groups=1, bias=mod.bias is not None,
+            )
+            if name.lower().startswith(_FAN_OUT_FAMILIES):
+                nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+                if new.bias is not None:
+                    nn.init.zeros_(new.bias)
+            parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+            setattr(parent, path.rsplit(".", 1)[-1], new)
             return
+    raise ValueError(f"cannot find the first convolution of {type(model).__name__} to change its input channels")
