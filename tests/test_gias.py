@@ -250,3 +250,85 @@ def test_gias_rejects_non_integer_pooling_factor():
         out(torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match="integer multiple"):  # no silent upsampling either
         out(torch.zeros(1, 3, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------- GIML (item 6)
+def test_gradient_tasks_observe_single_image_gradients():
+    """Authors' train_gen.py: a task's gradients are the N single-image gradients, not one batch mean."""
+    dm = GradientTasks(LeNet(num_classes=14), image_shape=(3, 32, 32), batch_size=3, num_tasks=2)
+    task = dm.task(0)
+    assert len(task.observations) == 3
+    model, x, y = task.inputs.model, task.victim_input, task.ground_truth.labels
+    for i, part in enumerate(task.observations):
+        assert part.observation.batch_size == 1
+        loss = torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        expected = torch.autograd.grad(loss, list(model.parameters()))
+        for g, e in zip(part.observation.gradients, expected):
+            assert torch.allclose(g, e, atol=1e-6)
+    # the batch-mean observation is kept for evaluation, and is the mean of the parts
+    for j, g in enumerate(task.inputs.observation.gradients):
+        assert torch.allclose(g, torch.stack([p.observation.gradients[j] for p in task.observations]).mean(0), atol=1e-6)
+    batch = GradientTasks(LeNet(num_classes=14), image_shape=(3, 32, 32), batch_size=3, num_tasks=2, gradients_per_task="batch")
+    assert len(batch.task(0).observations) == 1
+
+
+def test_gradient_tasks_one_victim_trained_every_n_tasks():
+    """Authors' train_gen.py: one victim, an SGD step (lr 1e-4) on the task's batch every 50 tasks."""
+    dm = GradientTasks(LeNet(num_classes=14), image_shape=(3, 32, 32), batch_size=2, num_tasks=4, victim_update_every=2, victim_lr=0.5)
+    w0 = [p.detach().clone() for p in dm.task(0).inputs.model.parameters()]
+    t1 = dm.task(1)
+    assert all(torch.equal(a, b) for a, b in zip(w0, t1.inputs.model.parameters()))  # not re-initialised per task
+    assert dm.after_task(dm.task(0)) is False
+    assert all(torch.equal(a, b) for a, b in zip(w0, dm.model.parameters()))
+    copy_model = LeNet(num_classes=14)
+    copy_model.load_state_dict(dm.model.state_dict())
+    loss = torch.nn.functional.cross_entropy(copy_model(t1.victim_input), t1.ground_truth.labels)
+    grads = torch.autograd.grad(loss, list(copy_model.parameters()))
+    assert dm.after_task(t1) is True
+    for p, w, g in zip(dm.model.parameters(), w0, grads):
+        assert torch.allclose(p.detach(), w - 0.5 * g, atol=1e-6)
+    state = dm.state_dict()
+    other = GradientTasks(LeNet(num_classes=14), image_shape=(3, 32, 32), batch_size=2, num_tasks=4, victim_update_every=2)
+    other.load_state_dict(state)
+    assert other.tasks_done == 2 and all(torch.equal(a, b) for a, b in zip(other.model.parameters(), dm.model.parameters()))
+    reinit = GradientTasks(LeNet(num_classes=14), image_shape=(3, 32, 32), batch_size=2, num_tasks=4, victim_mode="reinit")
+    a = [p.detach().clone() for p in reinit.task(0).inputs.model.parameters()]
+    assert not all(torch.equal(x, y) for x, y in zip(a, reinit.task(1).inputs.model.parameters()))
+
+
+def test_giml_inner_objective_matches_each_image_to_its_own_gradient():
+    """At the true latents, image i reproduces single-image gradient i: the task's distance is ~0."""
+    gen = tiny_dcgan()
+    dm = GradientTasks(LeNet(num_classes=14), image_shape=(3, 32, 32), batch_size=2, num_tasks=1)
+    task = dm.task(0)
+    seed = torch.Generator().manual_seed(7)
+    z_true = gen.sample_latents(2, "z", generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        private = (gen(z_true) + 1) / 2
+    # replace the task's private images by generator samples and re-observe them one by one
+    from lightning_gi.observation import capture_observation
+
+    x = (private - task.inputs.mean) / task.inputs.std
+    for i, part in enumerate(task.observations):
+        part.observation = capture_observation(task.inputs.model, x[i : i + 1], task.ground_truth.labels[i : i + 1], share_labels=True)
+    giml = GIML(gen, latent_steps=0, adapt_steps=1, generator_out=None, priors=[], latent_l2=0.0)
+    _, z, stats = giml.inner_loop(task.observations, generator=seed)
+    assert torch.equal(z, z_true)
+    assert stats["adapt_first"] < 1e-5
+    swapped = [task.observations[1], task.observations[0]]
+    _, _, stats_swapped = giml.inner_loop(swapped, generator=torch.Generator().manual_seed(7))
+    assert stats_swapped["adapt_first"] > 1e-2
+
+
+def test_giml_authors_defaults():
+    giml = GIML("dcgan32", generator_kwargs=dict(z_dim=8, ngf=4), generator_out=None)
+    z = torch.randn(4, 8)
+    assert float(giml.latent_penalty_value(z)) == pytest.approx(float(z.pow(2).sum().sqrt()))  # ||z||_2
+    assert giml.latent_l2 == 1e-3 and float(giml.priors[0].weight) == 1e-4
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert sorted(giml._scheduler(opt, 8).milestones) == [3, 5, 7]  # MultiStepLR at 3/8, 5/8, 7/8
+    ms = GIML("dcgan32", generator_kwargs=dict(z_dim=8, ngf=4), generator_out=None, latent_penalty="mean_square", milestone_fractions=None)
+    assert float(ms.latent_penalty_value(z)) == pytest.approx(float(z.pow(2).mean()))
+    assert ms._scheduler(opt, 8) is None
+    with pytest.raises(ValueError, match="latent_penalty"):
+        GIML("dcgan32", generator_kwargs=dict(z_dim=8, ngf=4), generator_out=None, latent_penalty="l1")
