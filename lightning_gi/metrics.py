@@ -286,8 +286,9 @@ def saturation_warning(
         return None
     ref = "" if ground_truth is None else f" (ground truth: {reference:.0%})"
     return (
-        f"reconstruction saturated: {frac:.0%} of pixels clipped at 0 or 1{ref}; the likely cause is a missing "
-        "or wrong normalisation (mean/std of the victim's input), which makes the scores under-report leakage"
+        f"reconstruction saturated: {frac:.0%} of pixels clipped at 0 or 1{ref}; if the attack converged (small "
+        "matching distance), the normalisation (mean/std of the victim's input) is likely missing or wrong and "
+        "the scores under-report the leakage"
     )
 
 
