@@ -1,8 +1,15 @@
-"""Label recovery strategies: (observation, victim model) -> LongTensor of labels."""
-from .base import LabelStrategy, classifier_gradients, classifier_layer_index
+"""Label recovery strategies: (observation, victim model) -> LongTensor of labels.
+
+Every strategy leaves ``strategy.diagnostics`` (a JSON-serialisable dict) after each call; ``AutoLabels``
+(``auto``) is the recommended default. See docs/labels.md.
+"""
+from .base import LabelStrategy, classifier_gradients, classifier_layer_index, last_linear
 from .idlg import IDLGLabels, SharedLabels, idlg_label, negative_row_labels
 from .evolutionary import CoarseLabelCounts, EvolutionaryLabelCounts, coarse_labels, evolutionary_counts
 from .auxiliary_stats import AuxiliaryStats, auxiliary_stats_for_model, load_auxiliary_stats, save_auxiliary_stats
+from .counting import ILRG, BiasCounts, round_counts
+from .heuristics import LLG, BiasCorrectedLabels, WainakhLabels, YinLabels, greedy_impact_labels
+from .auto import LABEL_STRATEGIES, AutoLabels, label_strategy
 
 __all__ = [
     "LabelStrategy",
@@ -10,6 +17,7 @@ __all__ = [
     "SharedLabels",
     "classifier_gradients",
     "classifier_layer_index",
+    "last_linear",
     "idlg_label",
     "negative_row_labels",
     "EvolutionaryLabelCounts",
@@ -20,4 +28,15 @@ __all__ = [
     "auxiliary_stats_for_model",
     "load_auxiliary_stats",
     "save_auxiliary_stats",
+    "BiasCounts",
+    "ILRG",
+    "round_counts",
+    "LLG",
+    "WainakhLabels",
+    "BiasCorrectedLabels",
+    "YinLabels",
+    "greedy_impact_labels",
+    "AutoLabels",
+    "LABEL_STRATEGIES",
+    "label_strategy",
 ]

@@ -52,6 +52,7 @@ __all__ = [
     "EvolutionaryLabelCounts",
     "CoarseLabelCounts",
     "counts_to_labels",
+    "search_diagnostics",
 ]
 
 
@@ -176,6 +177,35 @@ def _row_matrix(weight_gradient: Tensor, classes: Tensor, positions: Tensor) -> 
     return torch.sort(rows, dim=1).values[:, positions].numpy()
 
 
+def search_diagnostics(weight_gradient: Tensor, result: CountSearchResult, stats: AuxiliaryStats, batch_size: int) -> dict:
+    """Why the search is (not) trustworthy: JSON-serialisable numbers.
+
+    * ``cv_at_positions``: CV of the public images' sorted features at the ``M`` chosen positions (the
+      method assumes every image's sorted features are ~``hbar`` there: small CV);
+    * ``magnitude_ratios``: per coarse class ``k``, ``mean_t(G[k, t] / hbar_t) / (n_k / N)`` with the
+      recovered ``n_k``: the ratio of that class's feature magnitude to the public mean. The counts are
+      only identifiable when these agree across classes: ``magnitude_ratio_spread`` = std / mean (the
+      search is exact below ~4%);
+    * ``implied_counts``: the continuous least-squares counts ``N * a_k / sum(a)`` with
+      ``a_k = <G[k], hbar> / ||hbar||^2`` (before the integer search), one per coarse class.
+    """
+    rows = _row_matrix(weight_gradient, result.classes, stats.positions)
+    hbar = stats.mean_sorted.double()[stats.positions].numpy()
+    counts = result.counts.double().numpy()
+    per_class = (rows / np.maximum(hbar, 1e-300)).mean(axis=1)
+    ratios = per_class / (counts / batch_size)
+    a = rows @ hbar / max(float(hbar @ hbar), 1e-300)
+    implied = batch_size * a / max(float(a.sum()), 1e-300)
+    return {
+        "coarse_classes": [int(c) for c in result.classes],
+        "cv_at_positions": [round(float(v), 6) for v in stats.cv[stats.positions]],
+        "cv_at_positions_mean": float(stats.cv[stats.positions].double().mean()),
+        "magnitude_ratios": [round(float(v), 6) for v in ratios],
+        "magnitude_ratio_spread": float(ratios.std() / ratios.mean()) if ratios.size > 1 else 0.0,
+        "implied_counts": [round(float(v), 4) for v in implied],
+    }
+
+
 class EvolutionaryLabelCounts(LabelStrategy):
     """Stage I of Ye et al. (2024) as a label strategy for any attack: coarse classes + evolutionary counts.
 
@@ -189,7 +219,9 @@ class EvolutionaryLabelCounts(LabelStrategy):
         seed: seed of the search.
         aux_source, aux_count, aux_seed, image_size, mean, std: the on-the-fly statistics (see above).
 
-    After a call, :attr:`last_result` holds the :class:`CountSearchResult` (classes, counts, fitness).
+    After a call, :attr:`last_result` holds the :class:`CountSearchResult` (classes, counts, fitness) and
+    :attr:`diagnostics` the numbers of :func:`search_diagnostics` (CV at the positions, spread of the
+    per-class magnitude ratios, implied counts) plus ``fitness`` and ``last_improvement``.
     """
 
     def __init__(
@@ -270,6 +302,8 @@ class EvolutionaryLabelCounts(LabelStrategy):
             self.last_result = CountSearchResult(classes, torch.ones(1, dtype=torch.long), 1.0, 0, 0)
         else:
             self.last_result = self.search(weight, n, stats)
+            self.note(**search_diagnostics(weight, self.last_result, stats, n))
+        self.note(fitness=float(self.last_result.fitness), last_improvement=int(self.last_result.last_improvement))
         return self.last_result.labels()
 
 

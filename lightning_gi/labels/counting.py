@@ -1,0 +1,173 @@
+"""Counting labels from the last layer's bias gradient: iLRG (Ma et al., ICLR 2023) and its uniform estimate.
+
+For cross-entropy over a batch of ``N`` samples with softmax probabilities ``p_i`` and one-hot labels
+``y_i``, the gradient of the SUMMED loss with respect to the last layer's bias is
+
+    g_c = sum_i (p_ic - y_ic) = S_c - n_c,        S_c = sum_i p_ic,  n_c = #{i : y_i = c}      (1)
+
+(for a mean-reduced loss the observed gradient is ``g / N``). So the counts are ``n_c = S_c - g_c``
+exactly; what is unknown is ``S_c``, the batch sum of the predicted probability of class ``c``.
+
+* :class:`BiasCounts` estimates ``S_c ~ N / C`` (probabilities ~ uniform: an untrained or early network),
+  i.e. ``n_c = N/C - g_c``, then rounds with the sum fixed to ``N``.
+* :class:`ILRG` estimates ``S_c`` from the gradient itself: the weight-gradient row ``dW_c`` divided by
+  ``g_c`` is a ``(p_ic - y_ic)``-weighted mean of the penultimate features, dominated by the samples of
+  class ``c`` (``e_c``, iLRG's "class-wise average embedding"); pushing it through the last layer gives
+  ``p_hat_c = softmax(W e_c + b)``, the typical probability vector of a class-``c`` sample, so
+  ``S_i ~ sum_j n_j p_hat_j[i]`` and (1) becomes the linear system (iLRG Eq. 8-9)
+
+      sum_j n_j (p_hat_j[i] - delta_ij) = g_i  (i = 1..C),      sum_j n_j = N,
+
+  solved by least squares (pseudo-inverse), then rounded with the sum fixed to ``N``.
+
+Both need a bias in the victim's last (linear) layer.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..observation import GradientObservation, ObservationError
+from .base import LabelStrategy, classifier_gradients, last_linear, loss_scale
+
+log = logging.getLogger("lightning_gi.labels")
+
+__all__ = ["round_counts", "counts_to_label_vector", "BiasCounts", "ILRG"]
+
+
+def round_counts(x: np.ndarray | Tensor, total: int) -> np.ndarray:
+    """Non-negative integer counts closest to ``x`` with ``sum == total`` (largest-remainder rounding).
+
+    Negative entries are clipped to 0; the floors are taken, then the missing units go to the entries
+    with the largest fractional parts (or, if the floors already exceed ``total``, units are removed
+    from the non-zero entries with the smallest fractional parts).
+    """
+    v = np.clip(np.asarray(x, dtype=np.float64).reshape(-1), 0.0, None)
+    if total < 0:
+        raise ValueError(f"total must be >= 0, got {total}")
+    if v.size == 0:
+        raise ValueError("need at least one class to round counts over")
+    base = np.floor(v).astype(np.int64)
+    frac = v - base
+    missing = int(total - base.sum())
+    if missing > 0:
+        order = np.argsort(-frac, kind="stable")
+        for k in range(missing):
+            base[order[k % v.size]] += 1
+    while missing < 0:
+        candidates = np.flatnonzero(base > 0)
+        j = candidates[np.argmin(frac[candidates])]
+        base[j] -= 1
+        frac[j] = 1.0  # do not take twice from the same entry before the others
+        missing += 1
+    return base
+
+
+def counts_to_label_vector(counts: np.ndarray) -> Tensor:
+    """Each class ``c`` repeated ``counts[c]`` times, sorted by class."""
+    return torch.repeat_interleave(torch.arange(len(counts)), torch.as_tensor(counts, dtype=torch.long))
+
+
+def _bias_gradient(observation: GradientObservation, model: nn.Module, who: str) -> tuple[Tensor, Tensor]:
+    weight, bias = classifier_gradients(observation, model)
+    if bias is None:
+        raise ObservationError(f"{who} needs a bias in the victim's last linear layer; this one has none (use 'auto')")
+    return weight.detach().double().cpu(), bias.detach().double().cpu()
+
+
+class BiasCounts(LabelStrategy):
+    """iLRG's uniform-probability estimate: ``n_c = round(N/C - g_c)`` with ``g = N * dL/db`` (mean loss).
+
+    Eq. (1) of the module docs with ``S_c = N/C``; exact while the victim's predictions are close to
+    uniform (untrained / early training), at any batch size. Rounded with the sum fixed to ``N``.
+
+    Args:
+        loss_reduction: "mean" or "sum" reduction of the client's loss; None (default) reads it from the
+            observation (``GradientObservation.loss_reduction``).
+
+    Diagnostics: ``implied_counts`` (before rounding) and ``rounding_residual_max`` (max ``|implied - n|``).
+    """
+
+    def __init__(self, loss_reduction: Optional[Literal["mean", "sum"]] = None) -> None:
+        if loss_reduction not in (None, "mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean', 'sum' or None, got {loss_reduction!r}")
+        self.loss_reduction = loss_reduction
+
+    def recover(self, observation: GradientObservation, model: nn.Module) -> Tensor:
+        _, db = _bias_gradient(observation, model, "BiasCounts")
+        n = observation.batch_size
+        g = loss_scale(observation, self.loss_reduction) * db
+        implied = n / db.numel() - g
+        counts = round_counts(implied.numpy(), n)
+        self.note(
+            implied_counts=[round(float(v), 4) for v in implied],
+            rounding_residual_max=float(np.abs(implied.numpy() - counts).max()),
+        )
+        return counts_to_label_vector(counts)
+
+
+class ILRG(LabelStrategy):
+    """Full iLRG (Ma et al., ICLR 2023): class embeddings, their softmax, and the count system (module docs).
+
+    Args:
+        loss_reduction: "mean"/"sum" of the client's loss; None reads it from the observation.
+        min_bias_gradient: classes with ``|g_c| < min_bias_gradient`` (in samples: ``S_c`` and ``n_c``
+            agree to within that) have an ill-conditioned embedding ``dW_c / g_c``; their ``p_hat_c`` is
+            replaced by the mean ``p_hat`` of the well-conditioned classes (the reference code clips the
+            ratio's exponent instead). Default 2.
+
+    Diagnostics: ``implied_counts`` (least-squares solution before rounding), ``system_residual``
+    (``max_i |sum_j n_j (p_hat_j[i] - delta_ij) - g_i|`` for the rounded counts, in samples),
+    ``system_residual_unrounded``, ``ill_conditioned_classes``, ``mean_p_hat_diagonal`` (the typical
+    confidence of the victim on its own class: near ``1/C`` untrained, near 1 when it has converged).
+    """
+
+    def __init__(self, loss_reduction: Optional[Literal["mean", "sum"]] = None, min_bias_gradient: float = 2.0) -> None:
+        if loss_reduction not in (None, "mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean', 'sum' or None, got {loss_reduction!r}")
+        if not min_bias_gradient >= 0:
+            raise ValueError(f"min_bias_gradient must be >= 0, got {min_bias_gradient}")
+        self.loss_reduction = loss_reduction
+        self.min_bias_gradient = float(min_bias_gradient)
+
+    @torch.no_grad()
+    def class_probabilities(self, dw: Tensor, g: Tensor, model: nn.Module) -> tuple[Tensor, Tensor]:
+        """``p_hat`` ``[C, C]`` (row c: softmax of the last layer at class c's embedding) and the ill-conditioned mask."""
+        head = last_linear(model)
+        weight = head.weight.detach().double().cpu()
+        bias = head.bias.detach().double().cpu()
+        bad = g.abs() < self.min_bias_gradient
+        safe = torch.where(bad, torch.ones_like(g), g)
+        # dW_c / db_c == (S * dW_c) / g_c for either reduction: S cancels in the ratio
+        emb = dw / safe.unsqueeze(1)
+        p_hat = torch.softmax(emb @ weight.T + bias, dim=1)
+        if bool(bad.all()):
+            p_hat[:] = 1.0 / g.numel()
+        elif bool(bad.any()):
+            p_hat[bad] = p_hat[~bad].mean(dim=0)
+        return p_hat, bad
+
+    def recover(self, observation: GradientObservation, model: nn.Module) -> Tensor:
+        dw, db = _bias_gradient(observation, model, "ILRG")
+        n = observation.batch_size
+        scale = loss_scale(observation, self.loss_reduction)
+        g = scale * db
+        p_hat, bad = self.class_probabilities(dw * scale, g, model)
+        c = g.numel()
+        a = (p_hat.T - torch.eye(c, dtype=torch.float64)).numpy()
+        system = np.vstack([a, np.ones((1, c))])
+        rhs = np.concatenate([g.numpy(), [float(n)]])
+        solution = np.linalg.pinv(system) @ rhs
+        counts = round_counts(solution, n)
+        self.note(
+            implied_counts=[round(float(v), 4) for v in solution],
+            system_residual=float(np.abs(a @ counts - g.numpy()).max()),
+            system_residual_unrounded=float(np.abs(a @ solution - g.numpy()).max()),
+            ill_conditioned_classes=[int(i) for i in torch.nonzero(bad).flatten()],
+            mean_p_hat_diagonal=float(p_hat.diagonal().mean()),
+        )
+        return counts_to_label_vector(counts)
