@@ -84,7 +84,9 @@ def test_repeated_divergence_stops_with_best_result_kept(lean_trainer_kwargs):
     guard = DivergenceGuard(max_restores=2)
     attack = IDLG(optimizer=_adam, seed=0)
     trainer = pl.Trainer(max_steps=50, callbacks=[_AlwaysNaN(), guard], **lean_trainer_kwargs)
-    with pytest.warns(UserWarning, match=r"non-finite loss or unknowns at step \d+ after 2 restores; stopping"):
+    from lightning_gi.callbacks.guard import DivergenceError  # issue 16.11: an error, so the CLI exits non-zero
+
+    with pytest.raises(DivergenceError, match=r"non-finite loss or unknowns at step \d+ after 2 consecutive restores"):
         trainer.fit(attack, TensorBatchVictim(model, image, label))
     assert trainer.global_step < 50
     assert torch.isfinite(attack.reconstruction()["images"]).all()

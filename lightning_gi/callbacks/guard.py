@@ -1,10 +1,22 @@
-"""Divergence guard: a NaN/inf loss must not silently poison an attack.
+"""Divergence guard and start-of-run checks: an attack must not run to the end on input that cannot work,
+nor silently on NaNs.
 
-L-BFGS and large learning rates can drive the dummies to NaN (DLG does, on some seeds). Every
-``check_every_n_steps`` steps the guard checks the last loss and the unknowns; on a non-finite value it
-restores the last good snapshot of the unknowns, clears the optimiser state, and goes on. After
-``max_restores`` restores it stops the run with a message naming the step. The best iterate is never
-lost: non-finite distances never replace it (see ``GradientInversionAttack.update_best``).
+Before step 0 (``on_train_start``) the guard checks that
+
+- the unknowns are finite (a resumed checkpoint may hold NaN unknowns): :class:`DivergenceError`;
+- the victim's output on the dummy batch is finite (a victim that returns NaN, even behind a
+  ``torch.where``, gives zero or NaN gradients and a random "reconstruction"): :class:`VictimOutputError`;
+- the observed gradient is not all zero (e.g. ``TopKPruning(1.0)``): an all-zero target carries no
+  information about the data, :class:`UninformativeObservationError`;
+- the victim's gradient on the dummy batch is finite and not all zero (else the matching distance has no
+  gradient with respect to the unknowns and the optimiser cannot move): :class:`VictimOutputError`.
+
+During the run, every ``check_every_n_steps`` steps (one host sync per check) it checks the last loss and
+the unknowns; on a non-finite value it restores the last finite snapshot of the unknowns (snapshots are
+taken only at checks that found everything finite, so checking less often never restores a bad state),
+clears the optimiser state and goes on. After ``max_restores`` consecutive restores (no new finite snapshot
+in between) it raises :class:`DivergenceError`, so the CLI exits non-zero; ReconstructionReport still
+writes the best iterate, which never contains a non-finite value (``GradientInversionAttack.update_best``).
 """
 from __future__ import annotations
 
@@ -14,65 +26,150 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
+from ..observation import ObservationError, forward_keeping_buffers
+
+
+class DivergenceError(RuntimeError):
+    """The attack's unknowns or loss became non-finite and could not be recovered."""
+
+
+class UninformativeObservationError(ObservationError):
+    """The observed gradient carries no information (all zero)."""
+
+
+class VictimOutputError(RuntimeError):
+    """The victim's output or gradient on the dummy batch is unusable (non-finite or all zero)."""
+
+
+def _all_zero(tensors: list[torch.Tensor]) -> bool:
+    return bool(torch.stack([t.detach().abs().amax() if t.numel() else t.new_zeros(()) for t in tensors]).amax() == 0)
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One host sync for the whole list."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors if t.numel()]
+    return bool(torch.stack(flags).all()) if flags else True
+
 
 class DivergenceGuard(pl.Callback):
-    """Detect non-finite losses/unknowns, restore the last good state, stop after too many restores.
+    """Check the inputs before step 0; detect non-finite losses/unknowns, restore the last good state, raise
+    after too many consecutive restores.
 
     Args:
-        check_every_n_steps: how often to check (each check costs one host sync).
-        snapshot_every_n_steps: how often to snapshot the unknowns when they are finite.
-        max_restores: restores allowed before the run stops.
+        check_every_n_steps: how often to check finiteness (each check costs one host sync).
+        snapshot_every_n_steps: how often to snapshot the unknowns when a check finds them finite.
+        max_restores: consecutive restores (without a new finite snapshot in between) allowed; one more
+            divergence raises :class:`DivergenceError`.
+        check_inputs: run the start-of-run checks (zero observation, non-finite/zero victim output).
     """
 
-    def __init__(self, check_every_n_steps: int = 1, snapshot_every_n_steps: int = 10, max_restores: int = 3) -> None:
+    def __init__(
+        self, check_every_n_steps: int = 1, snapshot_every_n_steps: int = 10, max_restores: int = 3, check_inputs: bool = True
+    ) -> None:
         if check_every_n_steps < 1 or snapshot_every_n_steps < 1 or max_restores < 0:
             raise ValueError("check_every_n_steps and snapshot_every_n_steps must be >= 1, max_restores >= 0")
         self.check_every_n_steps = check_every_n_steps
         self.snapshot_every_n_steps = snapshot_every_n_steps
         self.max_restores = max_restores
-        self.restores = 0
+        self.check_inputs = check_inputs
+        self.restores = 0  # over the whole run (for reports)
+        self.consecutive_restores = 0
         self.events: list[dict[str, Any]] = []
         self._snapshot: Optional[list[torch.Tensor]] = None
         self._snapshot_step = 0
+        self._last_restore_step = -1
 
     @staticmethod
     def _unknowns(pl_module: pl.LightningModule) -> list[torch.Tensor]:
         return [p for p in pl_module.parameters() if p.requires_grad]
 
+    # ------------------------------------------------------------------ before step 0
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._snapshot = [p.detach().clone() for p in self._unknowns(pl_module)]
+        params = self._unknowns(pl_module)
+        if not _all_finite(params):
+            raise DivergenceError(
+                f"the attack's unknowns are not finite at step {trainer.global_step} (e.g. resumed from a checkpoint "
+                "saved after a divergence); resume from an earlier checkpoint or start afresh"
+            )
+        self._snapshot = [p.detach().clone() for p in params]
         self._snapshot_step = trainer.global_step
+        self.consecutive_restores = 0
+        self._last_restore_step = -1
+        if self.check_inputs:
+            self.check_attack_inputs(pl_module, trainer)
 
+    @staticmethod
+    def check_attack_inputs(pl_module: pl.LightningModule, trainer: Optional[pl.Trainer] = None) -> None:
+        """The start-of-run checks (see the module docstring); a no-op for modules that are not bound attacks."""
+        needed = ("observation", "victim", "dummy_batch", "victim_gradients")
+        if not all(hasattr(type(pl_module), name) for name in needed):
+            return
+        try:
+            pl_module.observation
+        except RuntimeError:  # not bound to a victim
+            return
+        sharded = trainer is not None and getattr(pl_module, "shard", None) is not None
+
+        def agreed(ok: bool) -> bool:  # every rank takes the same decision (a lone raise would hang the others)
+            return trainer.strategy.reduce_boolean_decision(ok, all=True) if sharded else ok
+
+        with torch.inference_mode(False), torch.enable_grad():
+            images, targets = pl_module.dummy_batch()
+            with torch.no_grad():
+                logits = forward_keeping_buffers(pl_module.victim, images.detach())
+            if not agreed(_all_finite([logits])):
+                raise VictimOutputError(
+                    f"the victim ({type(pl_module.victim).__name__}) returns non-finite outputs on the attack's dummy "
+                    "batch; its gradients are then NaN or zero and nothing can be reconstructed: fix the model's forward"
+                )
+            observed = [g for g in pl_module.observation.gradients]
+            if _all_zero(observed):
+                raise UninformativeObservationError(
+                    "the observed gradient is all zero (e.g. TopKPruning(1.0), or a victim whose loss is flat): "
+                    "it carries no information about the data, so nothing can be reconstructed"
+                )
+            dummy = pl_module.victim_gradients(images, targets)
+            if not agreed(_all_finite(dummy) and not _all_zero(dummy)):
+                raise VictimOutputError(
+                    f"the victim's gradient on the dummy batch is {'non-finite' if not _all_finite(dummy) else 'all zero'}: "
+                    "the matching distance cannot guide the unknowns (check the victim's forward and the attack's init)"
+                )
+
+    # ------------------------------------------------------------------ during the run
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if step % self.check_every_n_steps:
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         params = self._unknowns(pl_module)
-        finite = bool(torch.isfinite(loss).all()) if isinstance(loss, torch.Tensor) else True
-        finite = finite and all(bool(torch.isfinite(p).all()) for p in params)
+        tensors = params + ([loss] if isinstance(loss, torch.Tensor) else [])
+        finite = _all_finite(tensors)
         if getattr(pl_module, "shard", None) is not None:  # lightning_gi.distributed: ranks decide together
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
-            if step - self._snapshot_step >= self.snapshot_every_n_steps:
+            # a new snapshot needs snapshot_every_n_steps finite steps since the last snapshot AND the last restore
+            if step - max(self._snapshot_step, self._last_restore_step) >= self.snapshot_every_n_steps or self._snapshot is None:
                 self._snapshot = [p.detach().clone() for p in params]
                 self._snapshot_step = step
+                self.consecutive_restores = 0  # recovered: a new good state
             return
         self.events.append({"step": step, "restored_to": self._snapshot_step})
-        with torch.no_grad():
-            for p, s in zip(params, self._snapshot):
-                p.copy_(s)
-        if self.restores >= self.max_restores:
-            rank_zero_warn(
-                f"DivergenceGuard: non-finite loss or unknowns at step {step} after {self.restores} restores; "
-                f"stopping. The best iterate so far (matching distance {float(pl_module.best_loss):.4g}) is kept."
+        if self._snapshot is not None:
+            with torch.no_grad():
+                for p, s in zip(params, self._snapshot):
+                    p.copy_(s)
+        if self.consecutive_restores >= self.max_restores:
+            raise DivergenceError(
+                f"non-finite loss or unknowns at step {step} after {self.consecutive_restores} consecutive restores "
+                f"(to step {self._snapshot_step}); stopping. The best iterate so far (matching distance "
+                f"{float(getattr(pl_module, 'best_loss', float('nan'))):.4g}) is written; try a smaller learning rate"
             )
-            trainer.should_stop = True
-            return
         self.restores += 1
+        self.consecutive_restores += 1
+        self._last_restore_step = step
         rank_zero_warn(
             f"DivergenceGuard: non-finite loss or unknowns at step {step}; restored the unknowns of step "
-            f"{self._snapshot_step} and reset the optimiser state (restore {self.restores}/{self.max_restores})."
+            f"{self._snapshot_step} and reset the optimiser state (restore {self.consecutive_restores}/{self.max_restores})."
         )
         for opt in trainer.optimizers:
             opt.state.clear()

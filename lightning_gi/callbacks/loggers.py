@@ -76,7 +76,9 @@ def _describe(value: Any) -> Any:
     if isinstance(value, (list, tuple)) and all(isinstance(v, _SCALAR_TYPES) for v in value) and len(value) <= 16:
         return str(list(value))
     if isinstance(value, Tensor):
-        return str([round(float(v), 6) for v in value.flatten()]) if value.numel() <= 16 else f"Tensor{tuple(value.shape)}"
+        if value.numel() > 16:
+            return f"Tensor{tuple(value.shape)}"
+        return str(value.flatten().tolist() if not value.is_floating_point() else [round(float(v), 6) for v in value.flatten()])
     if isinstance(value, nn.ModuleList):
         return str([type(m).__name__ for m in value])
     func = getattr(value, "func", None)  # functools.partial (optimizer factories from the CLI)

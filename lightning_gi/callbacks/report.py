@@ -184,8 +184,6 @@ class ReconstructionReport(pl.Callback):
         if gt is not None:
             log_text(trainer, "labels", label_text(metrics), int(trainer.global_step))
         rank_zero_info("\n".join(self._summary(metrics, out, status, reason)))
-        if metrics.get("saturation_warning"):
-            rank_zero_warn(metrics["saturation_warning"])
 
     def _summary(self, metrics: dict[str, Any], out: str, status: str, reason: Optional[str]) -> list[str]:
         head = f"lightning_gi: outputs in {out}"

@@ -1,0 +1,178 @@
+"""DivergenceGuard: start-of-run checks (zero observation, NaN victim, NaN unknowns from a checkpoint),
+consecutive restores that end in an error, and checks every k steps."""
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from lightning_gi.attacks import IDLG
+from lightning_gi.callbacks import DivergenceGuard, ReconstructionMonitor, ReconstructionReport
+from lightning_gi.callbacks.guard import DivergenceError, UninformativeObservationError, VictimOutputError
+from lightning_gi.victim import LeNet, TensorBatchVictim
+from lightning_gi.victim.data import BundledPhotographs
+from lightning_gi.victim.defenses import TopKPruning
+
+
+def _case(seed=0):
+    torch.manual_seed(seed)
+    model = LeNet(num_classes=10, image_size=16)
+    image = BundledPhotographs(image_size=16, crops_per_photo=1)[5][0].unsqueeze(0)
+    return model, image, torch.tensor([2])
+
+
+def _adam(p):
+    return torch.optim.Adam(p, lr=0.05)
+
+
+class _Steps(pl.Callback):
+    """Counts the optimiser steps that ran (to prove a check fires before step 0)."""
+
+    def __init__(self):
+        self.batches = 0
+
+    def on_train_batch_start(self, *args):
+        self.batches += 1
+
+
+def test_all_zero_observation_stops_before_step_zero(lean_trainer_kwargs):
+    """TopKPruning(1.0) zeroes every gradient entry: nothing to reconstruct, say so before step 0."""
+    model, image, label = _case()
+    victim = TensorBatchVictim(model, image, label, defenses=[TopKPruning(prune_ratio=1.0)], share_labels=True)
+    steps = _Steps()
+    trainer = pl.Trainer(max_steps=20, callbacks=[steps, DivergenceGuard()], **lean_trainer_kwargs)
+    with pytest.raises(UninformativeObservationError, match="observed gradient is all zero"):
+        trainer.fit(_shared_labels_attack(), victim)
+    assert steps.batches == 0
+
+
+def _shared_labels_attack(**kwargs):
+    from lightning_gi.labels.idlg import SharedLabels
+
+    return IDLG(optimizer=_adam, label_strategy=SharedLabels(), seed=0, **kwargs)
+
+
+class NaNBehindWhere(torch.nn.Module):
+    """A victim whose output is NaN, selected by torch.where: its gradients are zero, not NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = LeNet(num_classes=10, image_size=16)
+
+    def forward(self, x):
+        out = self.net(x)
+        return torch.where(out > -1e9, torch.full_like(out, float("nan")), out)
+
+
+def test_victim_with_nan_output_stops_with_clear_message(lean_trainer_kwargs):
+    _, image, label = _case()
+    torch.manual_seed(0)
+    victim = TensorBatchVictim(NaNBehindWhere(), image, label, share_labels=True, num_classes=10)
+    steps = _Steps()
+    trainer = pl.Trainer(max_steps=20, callbacks=[steps, DivergenceGuard()], **lean_trainer_kwargs)
+    with pytest.raises(VictimOutputError, match="non-finite outputs"):
+        trainer.fit(_shared_labels_attack(), victim)
+    assert steps.batches == 0
+
+
+def test_zero_dummy_gradient_is_detected(lean_trainer_kwargs):
+    """A victim that is flat in its parameters at the dummy batch (ReLU cut-off, no bias; the real image
+    passes the cut-off, the all-zero init does not) gives the optimiser nothing to follow."""
+    class CutOff(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 16 * 16, 10, bias=False)
+
+        def forward(self, x):
+            return self.fc(torch.relu(x.flatten(1) - 0.3))
+
+    _, image, label = _case()
+    torch.manual_seed(0)
+    victim = TensorBatchVictim(CutOff(), image, label, share_labels=True, num_classes=10)
+    trainer = pl.Trainer(max_steps=5, callbacks=[DivergenceGuard()], **lean_trainer_kwargs)
+    with pytest.raises(VictimOutputError, match="gradient on the dummy batch is all zero"):
+        trainer.fit(_shared_labels_attack(init="zeros"), victim)
+    # the same victim from a random start is fine
+    trainer = pl.Trainer(max_steps=2, callbacks=[DivergenceGuard()], **lean_trainer_kwargs)
+    trainer.fit(_shared_labels_attack(init="rand"), victim)
+
+
+def test_healthy_run_passes_the_start_checks(lean_trainer_kwargs):
+    model, image, label = _case()
+    guard = DivergenceGuard()
+    trainer = pl.Trainer(max_steps=3, callbacks=[guard], **lean_trainer_kwargs)
+    trainer.fit(_shared_labels_attack(), TensorBatchVictim(model, image, label, share_labels=True))
+    assert trainer.global_step == 3 and guard.restores == 0
+
+
+class _InjectNaN(pl.Callback):
+    def __init__(self, steps):
+        self.steps = set(steps)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            with torch.no_grad():
+                pl_module.dummy_images.fill_(float("nan"))
+
+
+def test_restores_are_counted_consecutively(lean_trainer_kwargs):
+    """Two divergences far apart, each recovered, with max_restores=1: the run goes on to the end (before,
+    the count over the whole run stopped it at the second)."""
+    model, image, label = _case()
+    guard = DivergenceGuard(snapshot_every_n_steps=3, max_restores=1)
+    trainer = pl.Trainer(max_steps=30, callbacks=[_InjectNaN([6, 20]), guard], **lean_trainer_kwargs)
+    attack = IDLG(optimizer=_adam, seed=0)
+    trainer.fit(attack, TensorBatchVictim(model, image, label))
+    assert trainer.global_step == 30
+    assert [e["step"] for e in guard.events] == [6, 20] and guard.restores == 2
+    assert torch.isfinite(attack.dummy_images).all()
+
+
+def test_persistent_divergence_raises_and_outputs_are_written(tmp_path, lean_trainer_kwargs):
+    """Divergence right after every restore: after max_restores consecutive restores, an error (so the CLI
+    exits non-zero), and the report still writes the best (finite) reconstruction, marked interrupted."""
+    import json
+
+    model, image, label = _case()
+    guard = DivergenceGuard(snapshot_every_n_steps=5, max_restores=2)
+    report = ReconstructionReport(save_every_n_steps=0)
+    trainer = pl.Trainer(max_steps=50, callbacks=[_InjectNaN(range(4, 50)), guard, report], **lean_trainer_kwargs)
+    attack = IDLG(optimizer=_adam, seed=0)
+    with pytest.raises(DivergenceError, match="after 2 consecutive restores"):
+        trainer.fit(attack, TensorBatchVictim(model, image, label))
+    assert trainer.global_step < 10
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and "DivergenceError" in metrics["stop_reason"]
+    assert torch.isfinite(attack.reconstruction()["images"]).all()
+
+
+def test_checking_every_k_steps_restores_a_finite_state(lean_trainer_kwargs):
+    """check_every_n_steps=5: a NaN at step 6 is found at step 10 and the unknowns go back to the finite
+    snapshot of step 5 (snapshots are taken only at checks that found them finite)."""
+    model, image, label = _case()
+    guard = DivergenceGuard(check_every_n_steps=5, snapshot_every_n_steps=5, max_restores=1)
+    attack = IDLG(optimizer=_adam, seed=0)
+    trainer = pl.Trainer(max_steps=20, callbacks=[_InjectNaN([6]), guard], **lean_trainer_kwargs)
+    trainer.fit(attack, TensorBatchVictim(model, image, label))
+    assert guard.events == [{"step": 10, "restored_to": 5}]
+    assert trainer.global_step == 20 and torch.isfinite(attack.dummy_images).all()
+    assert float(attack.best_loss) < float("inf")
+
+
+def test_nan_unknowns_from_a_checkpoint_give_a_clear_error(tmp_path, lean_trainer_kwargs):
+    """Resuming from a checkpoint whose unknowns are NaN: the monitor (which runs first) does not crash,
+    the guard stops the run with a message naming the cause."""
+    model, image, label = _case()
+    kwargs = dict(lean_trainer_kwargs, enable_checkpointing=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    pl.Trainer(max_steps=3, callbacks=[ckpt], **kwargs).fit(IDLG(optimizer=_adam, seed=0), TensorBatchVictim(model, image, label))
+    path = next((tmp_path / "ckpt").glob("*.ckpt"))
+    state = torch.load(path, weights_only=False)
+    state["state_dict"]["dummy_images"].fill_(float("nan"))
+    torch.save(state, path)
+
+    kwargs["logger"] = CSVLogger(str(tmp_path), name="csv")
+    callbacks = [ReconstructionMonitor(every_n_steps=1), DivergenceGuard()]
+    trainer = pl.Trainer(max_steps=10, callbacks=callbacks, **kwargs)
+    with pytest.warns(UserWarning, match="not finite"), pytest.raises(DivergenceError, match="unknowns are not finite"):
+        trainer.fit(IDLG(optimizer=_adam, seed=0), TensorBatchVictim(model, image, label), ckpt_path=str(path))
