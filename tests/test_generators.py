@@ -151,6 +151,12 @@ def test_registry_lists_public_variants_and_configs():
     assert cfg.resolution == 32 and cfg.c_dim == 10 and cfg.file == "cifar10.pkl" and cfg.output_range == (-1.0, 1.0)
     assert get_generator_config("stylegan2_ffhq1024").file == "ffhq.pkl"
     assert get_generator_config("stylegan2_imagenet64").resolution == 64
+    # the GIAS authors' ImageNet generator: 512 px, 16 w's (pooled by 8 to the 64 px victim)
+    cfg512 = get_generator_config("stylegan2_imagenet512")
+    assert cfg512.resolution == 512 and cfg512.file == "stylegan2_imagenet512.pkl" and "pooled by 8" in cfg512.notes
+    assert "64x64 as the GIAS authors did" not in get_generator_config("stylegan2_imagenet64").source
+    small512 = create_generator("stylegan2_imagenet512", z_dim=8, w_dim=8, mapping_kwargs=dict(num_layers=1), synthesis_kwargs=dict(channel_base=512, channel_max=2))
+    assert small512.img_resolution == 512 and small512.num_ws == 16
     with pytest.raises(ValueError, match="unknown generator"):
         create_generator("nope")
     g = create_generator("dcgan32", z_dim=10, ngf=4)

@@ -115,9 +115,26 @@ _official("stylegan2_afhqdog512", "afhqdog.pkl", 512, "AFHQ dog 512x512")
 _official("stylegan2_afhqwild512", "afhqwild.pkl", 512, "AFHQ wild 512x512")
 _official("stylegan2_cifar10", "cifar10.pkl", 32, "CIFAR-10 32x32 (class-conditional, c_dim=10)", c=10, map_layers=2)
 
-# ---- ImageNet 64x64 (GIAS paper setting). NVIDIA released no ImageNet model; GIAS's authors trained their own
-# with stylegan2-ada-pytorch. Any such pickle works: put it in checkpoints/ under this name (or pass
-# checkpoint_path); the architecture is read from the file, the values below are only the expected defaults.
+# ---- ImageNet (GIAS paper setting). NVIDIA released no ImageNet model. The GIAS authors (ml-postech, rec_mult.py)
+# used a 512x512 StyleGAN2 trained on ImageNet (16 w's) and AVERAGE-POOLED its output by 512 // 64 = 8 to the
+# 64x64 victim; their file is not distributed in a format read here. Any StyleGAN2-ADA pickle works: put it in
+# checkpoints/ under the variant's file name (or pass checkpoint_path); the architecture is read from the file,
+# the values below are only the expected defaults. GIAS pools any generator resolution that is an integer
+# multiple of the victim's (lightning_gi.attacks.gias.pooling_factor).
+register_generator(
+    GeneratorConfig(
+        "stylegan2_imagenet512",
+        "stylegan2",
+        _sg2(512),
+        512,
+        512,
+        512,
+        file="stylegan2_imagenet512.pkl",
+        source="train with NVlabs/stylegan2-ada-pytorch on ImageNet at 512x512 (the GIAS authors' resolution); no official download",
+        dataset="ImageNet 512x512",
+        notes="the GIAS (Jeon et al. 2021) ImageNet setting: 16 w's, output average-pooled by 8 to the 64x64 victim",
+    )
+)
 register_generator(
     GeneratorConfig(
         "stylegan2_imagenet64",
@@ -127,9 +144,10 @@ register_generator(
         512,
         512,
         file="stylegan2_imagenet64.pkl",
-        source="train with NVlabs/stylegan2-ada-pytorch on ImageNet at 64x64 (as the GIAS authors did); no official download",
+        source="train with NVlabs/stylegan2-ada-pytorch on ImageNet at 64x64; no official download",
         dataset="ImageNet 64x64",
-        notes="GIAS (Jeon et al. 2021) ImageNet setting; output average-pooled to the victim's resolution",
+        notes="a 64x64 ImageNet StyleGAN2 (10 w's), used without pooling on a 64x64 victim; NOT the GIAS authors' "
+        "setting (they pooled a 512x512 model by 8: stylegan2_imagenet512)",
     )
 )
 
