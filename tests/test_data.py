@@ -11,12 +11,14 @@ from PIL import Image
 
 from lightning_gi.victim.data import (
     DATASET_NAMES,
+    POOLS,
     BundledDigits,
     BundledPhotographs,
     DatasetNotFoundError,
     TorchvisionDataset,
     build_dataset,
     load_photographs,
+    public_images,
     select_batch,
     torchvision_dataset,
 )
@@ -37,7 +39,7 @@ def photos():
 # ------------------------------------------------------------------------------------------------ digits
 def test_digits_shapes_range_and_channels():
     ds = BundledDigits(image_size=16, channels=1)
-    assert len(ds) == 1797 and ds.num_classes == 10 and ds.classes == [str(i) for i in range(10)]
+    assert len(ds) == 1438 and ds.num_classes == 10 and ds.classes == [str(i) for i in range(10)]  # private pool
     assert len(ds.targets) == len(ds) and set(ds.targets) == set(range(10))
     x, y = ds[5]
     _check_item(x, y, (1, 16, 16))
@@ -49,7 +51,8 @@ def test_digits_shapes_range_and_channels():
     assert torch.equal(x3[0], x3[1]) and torch.equal(x3[1], x3[2])
     from sklearn.datasets import load_digits
 
-    assert torch.allclose(x3[0], torch.from_numpy(load_digits().images[5]).float() / 16, atol=1e-6)  # 8 -> 8: exact
+    src = rgb.source_indices[5]
+    assert torch.allclose(x3[0], torch.from_numpy(load_digits().images[src]).float() / 16, atol=1e-6)  # 8 -> 8: exact
 
 
 def test_digits_getitem_returns_copy():
@@ -273,3 +276,81 @@ def test_incomplete_root_raises(tmp_path, name):
     with pytest.raises(DatasetNotFoundError) as err:
         build_dataset(name, root=str(tmp_path))
     assert str(tmp_path) in str(err.value)
+
+
+# ------------------------------------------------------------------------------- private / public pools
+def _crop_set(images: torch.Tensor) -> set[bytes]:
+    return {x.contiguous().numpy().tobytes() for x in images}
+
+
+def test_pools_share_no_source_image():
+    private, public = load_photographs("private"), load_photographs("public")
+    assert len(private) >= 8 and len(public) >= 4 and POOLS == ("private", "public")
+    assert not set(private) & set(public)
+    private_pixels = {(tuple(p.shape), p.numpy().tobytes()) for p in private.values()}
+    assert not any((tuple(p.shape), p.numpy().tobytes()) in private_pixels for p in public.values())
+    # the same picture at another size or in grey is the same source too
+    def thumb(p):
+        x = F.interpolate(p.float().mean(0, keepdim=True)[None], size=(32, 32), mode="bilinear", antialias=True)
+        x = x.flatten()
+        return (x - x.mean()) / x.std()
+
+    for a in private.values():
+        for b in public.values():
+            assert float((thumb(a) * thumb(b)).mean()) < 0.9
+    digits_private, digits_public = BundledDigits(image_size=8, pool="private"), BundledDigits(image_size=8, pool="public")
+    assert len(digits_public) > 300 and not set(digits_private.source_indices) & set(digits_public.source_indices)
+    assert not _crop_set(digits_private.images) & _crop_set(digits_public.images)
+
+
+def test_pools_share_no_pixel_identical_crop():
+    for seed in (0, 1):
+        private = BundledPhotographs(image_size=16, crops_per_photo=6, seed=seed, pool="private")
+        public = BundledPhotographs(image_size=16, crops_per_photo=6, seed=seed, pool="public")
+        assert not _crop_set(private.images) & _crop_set(public.images)
+        assert not set(private.classes) & set(public.classes)
+    with pytest.raises(ValueError, match="pool"):
+        BundledPhotographs(pool="attacker")
+    with pytest.raises(ValueError, match="pool"):
+        build_dataset("photographs", pool="both")
+
+
+def test_private_pool_is_the_default_everywhere():
+    default = build_dataset("photographs", image_size=16, channels=3, crops_per_photo=2)
+    private = BundledPhotographs(image_size=16, crops_per_photo=2, pool="private")
+    assert torch.equal(default.images, private.images) and default.classes == list(load_photographs())
+
+
+def test_public_images_are_public_crops_only():
+    images = public_images(16, 20, seed=3)
+    assert images.shape == (20, 3, 16, 16) and float(images.min()) >= 0 and float(images.max()) <= 1
+    per_photo = -(-20 // len(load_photographs("public")))
+    public = _crop_set(BundledPhotographs(image_size=16, crops_per_photo=per_photo, seed=3, pool="public").images)
+    assert _crop_set(images) <= public
+    private = _crop_set(BundledPhotographs(image_size=16, crops_per_photo=per_photo, seed=3).images)
+    assert not _crop_set(images) & private
+
+
+def test_auxiliary_statistics_and_calibration_read_the_public_pool_only():
+    from lightning_gi.labels.auxiliary_stats import AUX_SOURCES, auxiliary_images
+    from lightning_gi.victim.calibration import bn_calibrated_classifier, calibrate_batchnorm, calibration_images
+    from lightning_gi.victim.models import reinitialise, torchvision_classifier
+
+    n_public = len(load_photographs("public"))
+    for source in AUX_SOURCES:
+        aux = auxiliary_images(source, image_size=16, count=10, seed=1)
+        per_photo = -(-10 // n_public)
+        allowed = _crop_set(BundledPhotographs(image_size=16, crops_per_photo=per_photo, seed=1, pool="public").images)
+        assert _crop_set(aux) <= allowed, f"aux source {source!r} reads outside the public pool"
+        private = _crop_set(BundledPhotographs(image_size=16, crops_per_photo=per_photo, seed=1).images)
+        assert not _crop_set(aux) & private
+    calib = calibration_images(16, crops_per_photo=2, calibration_seed=7)
+    allowed = _crop_set(BundledPhotographs(image_size=16, crops_per_photo=2, seed=7, pool="public").images)
+    assert calib.shape[0] == 2 * n_public and _crop_set(calib) <= allowed
+    # the calibrated victim's BN statistics are exactly those of the public images
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(-1, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(-1, 1, 1)
+    model = bn_calibrated_classifier("resnet18", 10, image_size=16, seed=0, crops_per_photo=2)
+    reference = calibrate_batchnorm(reinitialise(torchvision_classifier("resnet18", 10), 0), (calib - mean) / std)
+    assert torch.allclose(model.bn1.running_mean, reference.bn1.running_mean, atol=1e-6)
+    assert torch.allclose(model.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var, atol=1e-5)

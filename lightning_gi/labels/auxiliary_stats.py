@@ -43,11 +43,10 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# "photographs": the bundled photographs (lightning_gi.victim.data.BundledPhotographs), random crops drawn
-# with their own seed; "textures": scikit-image sample images that are NOT among the bundled photographs
-# (a public set disjoint from any private batch drawn from "photographs").
-AUX_SOURCES = ("photographs", "textures")
-_TEXTURE_NAMES = ("brick", "grass", "gravel", "cell", "moon", "colorwheel", "microaneurysms", "horse", "logo", "hubble_deep_field")
+# Every source is the PUBLIC pool of bundled images (lightning_gi.victim.data: disjoint from the private
+# photographs a victim's batch is cut from, checked by source identity); random crops drawn with their own
+# seed. "public" is the name; "photographs" and "textures" are kept as aliases of it for older configs.
+AUX_SOURCES = ("public", "photographs", "textures")
 
 
 @dataclass
@@ -119,50 +118,21 @@ def compute_auxiliary_stats(features: Tensor, num_positions: int = 20, metadata:
     return AuxiliaryStats(mean.float(), std.float(), cv.float(), positions, int(features.shape[0]), dict(metadata or {}))
 
 
-def auxiliary_images(source: str = "photographs", image_size: int = 224, count: int = 40, seed: int = 1) -> Tensor:
-    """``[count, 3, s, s]`` public RGB images in [0, 1] (offline): see :data:`AUX_SOURCES`."""
+def auxiliary_images(source: str = "public", image_size: int = 224, count: int = 40, seed: int = 1) -> Tensor:
+    """``[count, 3, s, s]`` public RGB images in [0, 1] (offline): crops of the bundled PUBLIC pool only
+    (:func:`lightning_gi.victim.data.public_images`), never of the photographs private batches come from."""
     if source not in AUX_SOURCES:
         raise ValueError(f"aux source must be one of {AUX_SOURCES}, got {source!r}")
     if count < 2:
         raise ValueError(f"need at least 2 auxiliary images, got {count}")
-    from ..victim.data import BundledPhotographs, _as_uint8_chw, _resize
+    from ..victim.data import public_images
 
-    if source == "photographs":
-        per_photo = -(-count // 8)  # enough crops, at least 8 photographs are always available
-        ds = BundledPhotographs(image_size=image_size, channels=3, crops_per_photo=per_photo + 1, seed=seed)
-        gen = torch.Generator().manual_seed(seed)
-        # skip crop 0 (the central square, the one most likely to be a victim's image)
-        pool = [i for i in range(len(ds)) if i % (per_photo + 1) != 0]
-        idx = [pool[i] for i in torch.randperm(len(pool), generator=gen)[:count].tolist()]
-        return torch.stack([ds[i][0] for i in idx])
-    import skimage.data
-
-    photos = []
-    for name in _TEXTURE_NAMES:
-        try:
-            a = getattr(skimage.data, name)()
-        except Exception:  # noqa: BLE001 - not shipped in this install
-            continue
-        photos.append(_as_uint8_chw(a).float().div(255.0))
-    if not photos:
-        raise RuntimeError("no scikit-image texture images available offline")
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for k in range(count):
-        x = photos[k % len(photos)]
-        h, w = x.shape[-2:]
-        short = min(h, w)
-        side = max(1, round(short * (0.5 + 0.5 * float(torch.rand((), generator=gen)))))
-        top = int(torch.randint(0, h - side + 1, (), generator=gen))
-        left = int(torch.randint(0, w - side + 1, (), generator=gen))
-        crop = _resize(x[:, top : top + side, left : left + side], (image_size, image_size))
-        out.append(crop.expand(3, -1, -1) if crop.shape[0] == 1 else crop)
-    return torch.stack(out)
+    return public_images(image_size, count, seed=seed, channels=3)
 
 
 def auxiliary_stats_for_model(
     model: nn.Module,
-    source: str = "photographs",
+    source: str = "public",
     image_size: int = 224,
     count: int = 40,
     seed: int = 1,
@@ -235,9 +205,9 @@ def main(argv: Optional[list[str]] = None) -> AuxiliaryStats:
     p.add_argument("--weights-path", default=None, help="local state dict (bare names are searched in checkpoints/)")
     p.add_argument("--model-seed", type=int, default=None, help="untrained victim: seed of its initialisation")
     p.add_argument("--calibrate-bn", action="store_true",
-                   help="untrained victim: BN running statistics from the bundled photographs (as the demo victim)")
+                   help="untrained victim: BN running statistics from the bundled public images (as the demo victim)")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--source", choices=AUX_SOURCES, default="photographs")
+    p.add_argument("--source", choices=AUX_SOURCES, default="public", help="bundled public images (all names alias it)")
     p.add_argument("--image-folder", default=None, help="use every image under this folder instead of --source")
     p.add_argument("--count", type=int, default=40)
     p.add_argument("--seed", type=int, default=1)

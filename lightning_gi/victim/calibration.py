@@ -1,11 +1,13 @@
-"""An offline stand-in for a pretrained victim: BatchNorm running statistics from real photographs.
+"""An offline stand-in for a pretrained victim: BatchNorm running statistics from real public images.
 
 Without pretrained weights (no downloads here) an untrained torchvision ResNet has BN running statistics
 of 0 / 1, which makes the BN-statistics prior (GradInversion, Ye et al. 2024) meaningless. This factory
-keeps the random weights but re-estimates every BN layer's running mean/variance on the bundled real
-photographs (the cumulative average over a few forward passes in train mode), so the prior has real
-image statistics to pull towards. With ``weights_path`` the pretrained file is loaded instead and nothing
-is re-estimated (a pretrained model already carries its training set's statistics).
+keeps the random weights but re-estimates every BN layer's running mean/variance on the bundled PUBLIC
+images (:func:`lightning_gi.victim.data.public_images`, disjoint from the private photographs a victim's
+batch is cut from; the cumulative average over a few forward passes in train mode), so the prior has real
+image statistics to pull towards, but not the private images' own. With ``weights_path`` the pretrained
+file is loaded instead and nothing is re-estimated (a pretrained model already carries its training
+set's statistics).
 
 Config use (``data.init_args.model``)::
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from .models import reinitialise, torchvision_classifier
 
-__all__ = ["bn_calibrated_classifier", "calibrate_batchnorm"]
+__all__ = ["bn_calibrated_classifier", "calibrate_batchnorm", "calibration_images"]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -61,24 +63,25 @@ def bn_calibrated_classifier(
     crops_per_photo: int = 6,
     calibration_seed: int = 7,
 ) -> nn.Module:
-    """A torchvision classifier (random init drawn from ``seed``) whose BN statistics come from real photos.
+    """A torchvision classifier (random init drawn from ``seed``) whose BN statistics come from public images.
 
-    The calibration images are random crops of the bundled photographs (``calibration_seed``, not the seed
-    a victim's private batch is cut with), normalised with ``mean``/``std`` (default ImageNet's; use the
-    victim DataModule's values). With ``weights_path`` the file is loaded and no calibration happens.
+    The calibration images are ``crops_per_photo`` random crops of each bundled PUBLIC photograph
+    (``calibration_seed``), normalised with ``mean``/``std`` (default ImageNet's; use the victim
+    DataModule's values). With ``weights_path`` the file is loaded and no calibration happens.
     Returned in eval mode.
     """
     model = torchvision_classifier(name, num_classes=num_classes, weights_path=weights_path)
     if weights_path is not None:
         return model.eval()
     reinitialise(model, seed)
-    from .data import BundledPhotographs
-
-    photos = BundledPhotographs(image_size=image_size, channels=3, crops_per_photo=crops_per_photo, seed=calibration_seed)
-    gen = torch.Generator().manual_seed(calibration_seed)
-    images = photos.images[torch.randperm(len(photos), generator=gen)] if hasattr(photos, "images") else torch.stack(
-        [photos[i][0] for i in torch.randperm(len(photos), generator=gen).tolist()]
-    )
+    images = calibration_images(image_size, crops_per_photo, calibration_seed)
     m = torch.tensor(list(mean if mean is not None else _IMAGENET_MEAN), dtype=torch.float32).view(-1, 1, 1)
     s = torch.tensor(list(std if std is not None else _IMAGENET_STD), dtype=torch.float32).view(-1, 1, 1)
     return calibrate_batchnorm(model, (images.float() - m) / s).eval()
+
+
+def calibration_images(image_size: int, crops_per_photo: int = 6, calibration_seed: int = 7) -> torch.Tensor:
+    """The images :func:`bn_calibrated_classifier` calibrates on, in [0,1]: public-pool crops only."""
+    from .data import public_images, public_photograph_count
+
+    return public_images(image_size, crops_per_photo * public_photograph_count(), seed=calibration_seed, channels=3)

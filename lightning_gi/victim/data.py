@@ -8,13 +8,27 @@ Two datasets ship inside installed wheels so experiments and tests run fully off
 ``BundledDigits`` (scikit-learn's 8x8 digits) and ``BundledPhotographs`` (real photographs bundled with
 scikit-learn and scikit-image). The torchvision datasets are never downloaded: missing files raise
 ``DatasetNotFoundError`` explaining where to put them.
+
+Private and public pools. The bundled images are split into two disjoint pools, chosen with
+``pool="private"`` (the default) or ``pool="public"``:
+
+- PRIVATE: the images a victim's batch is cut from (what attacks reconstruct): the 14 photographs of
+  ``_PRIVATE_PHOTO_SOURCES`` and the digits whose index is not 4 mod 5.
+- PUBLIC: what an attacker may hold (auxiliary feature statistics, BN calibration, generator training):
+  other scikit-image pictures (``_PUBLIC_PHOTO_SOURCES``: textures, microscopy, astronomy) and the digits
+  with index 4 mod 5 that are not pixel-identical to a private digit.
+
+Disjointness is checked by source image identity, not by name or crop index: a source whose pixels, or
+whose 32x32 grey thumbnail, match a private one (e.g. ``skimage.data.cat`` is ``chelsea``) is refused
+(:func:`check_pools_disjoint`). :func:`public_images` is the only way the auxiliary-statistics and
+calibration code read images, and it reads the public pool only.
 """
 
 import math
 import os
 import zlib
 from functools import lru_cache
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -24,6 +38,11 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "DATASET_NAMES",
+    "POOLS",
+    "Pool",
+    "check_pools_disjoint",
+    "public_images",
+    "public_photograph_count",
     "BundledDigits",
     "BundledPhotographs",
     "DatasetNotFoundError",
@@ -37,6 +56,13 @@ __all__ = [
 
 DATASET_NAMES = ("digits", "photographs", "mnist", "fashionmnist", "svhn", "cifar10", "cifar100", "imagefolder")
 LABEL_MODES = ("unique", "repeated", "random")
+Pool = Literal["private", "public"]
+POOLS = ("private", "public")
+
+
+def _check_pool(pool: str) -> None:
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -105,17 +131,42 @@ class _TensorImageDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------- bundled
-class BundledDigits(_TensorImageDataset):
-    """scikit-learn's 1797 handwritten 8x8 digits (values 0..16), scaled to [0, 1] and resized; 10 classes."""
+_DIGITS_PUBLIC_EVERY = 5  # digit i is public when i % 5 == 4, private otherwise
 
-    def __init__(self, image_size: int = 16, channels: int = 1) -> None:
+
+@lru_cache(maxsize=2)
+def _digit_pool_indices(pool: str) -> tuple[int, ...]:
+    """Indices into scikit-learn's digits of one pool; public digits equal to a private one are dropped."""
+    from sklearn.datasets import load_digits
+
+    raw = np.asarray(load_digits().images)
+    n = raw.shape[0]
+    private = [i for i in range(n) if i % _DIGITS_PUBLIC_EVERY != _DIGITS_PUBLIC_EVERY - 1]
+    if pool == "private":
+        return tuple(private)
+    seen = {raw[i].tobytes() for i in private}
+    return tuple(i for i in range(n) if i % _DIGITS_PUBLIC_EVERY == _DIGITS_PUBLIC_EVERY - 1 and raw[i].tobytes() not in seen)
+
+
+class BundledDigits(_TensorImageDataset):
+    """scikit-learn's handwritten 8x8 digits (values 0..16), scaled to [0, 1] and resized; 10 classes.
+
+    ``pool="private"`` holds the 1438 digits with index not 4 mod 5, ``pool="public"`` the others (minus any
+    pixel-identical to a private digit); ``source_indices[i]`` is item i's index in ``load_digits()``.
+    """
+
+    def __init__(self, image_size: int = 16, channels: int = 1, pool: Pool = "private") -> None:
         _check_size_channels(image_size, channels)
+        _check_pool(pool)
         from sklearn.datasets import load_digits
 
         bunch = load_digits()
-        x = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0)[:, None]
+        keep = list(_digit_pool_indices(pool))
+        x = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32)[keep] / 16.0)[:, None]
         x = _to_channels(_resize(x, (image_size, image_size)), channels)
-        super().__init__(x.contiguous(), bunch.target.tolist(), [str(i) for i in range(10)])
+        super().__init__(x.contiguous(), bunch.target[keep].tolist(), [str(i) for i in range(10)])
+        self.pool = pool
+        self.source_indices: list[int] = keep
 
 
 def _sklearn_sample(name: str) -> Callable[[], np.ndarray]:
@@ -137,9 +188,9 @@ def _skimage(name: str, index: Optional[int] = None) -> Callable[[], np.ndarray]
     return load
 
 
-# Real photographs with enough contrast to be meaningful at 16-64 px (no synthetic patterns, logos, masks,
-# low-contrast textures or near-black astronomy); fixed order = class order.
-_PHOTO_SOURCES: tuple[tuple[str, Callable[[], np.ndarray]], ...] = (
+# PRIVATE pool: real photographs with enough contrast to be meaningful at 16-64 px (no synthetic patterns,
+# logos, masks, low-contrast textures or near-black astronomy); fixed order = class order.
+_PRIVATE_PHOTO_SOURCES: tuple[tuple[str, Callable[[], np.ndarray]], ...] = (
     ("china", _sklearn_sample("china")),
     ("flower", _sklearn_sample("flower")),
     ("astronaut", _skimage("astronaut")),
@@ -155,7 +206,21 @@ _PHOTO_SOURCES: tuple[tuple[str, Callable[[], np.ndarray]], ...] = (
     ("text", _skimage("text")),
     ("clock", _skimage("clock")),
 )
+# PUBLIC pool: other pictures shipped with scikit-image, none of them a private source or the same scene
+# (not ``cat``, which is ``chelsea``, nor the right view of ``stereo_motorcycle``).
+_PUBLIC_PHOTO_SOURCES: tuple[tuple[str, Callable[[], np.ndarray]], ...] = (
+    ("hubble_deep_field", _skimage("hubble_deep_field")),
+    ("colorwheel", _skimage("colorwheel")),
+    ("brick", _skimage("brick")),
+    ("grass", _skimage("grass")),
+    ("gravel", _skimage("gravel")),
+    ("cell", _skimage("cell")),
+    ("moon", _skimage("moon")),
+    ("microaneurysms", _skimage("microaneurysms")),
+)
+_PHOTO_SOURCES = _PRIVATE_PHOTO_SOURCES  # backwards-compatible name: the attacked photographs
 MIN_PHOTOGRAPHS = 8
+MIN_PUBLIC_PHOTOGRAPHS = 4
 
 
 def _as_uint8_chw(a: np.ndarray) -> Tensor:
@@ -172,26 +237,53 @@ def _as_uint8_chw(a: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a[:, :, :3].transpose(2, 0, 1)))
 
 
-@lru_cache(maxsize=1)
-def _decoded_photographs() -> tuple[tuple[str, Tensor], ...]:
+@lru_cache(maxsize=2)
+def _decoded_photographs(pool: str = "private") -> tuple[tuple[str, Tensor], ...]:
     """Decode once per process: several datasets (sizes, seeds, channels) share the same photographs."""
+    _check_pool(pool)
+    sources = _PRIVATE_PHOTO_SOURCES if pool == "private" else _PUBLIC_PHOTO_SOURCES
+    needed = MIN_PHOTOGRAPHS if pool == "private" else MIN_PUBLIC_PHOTOGRAPHS
     found = []
-    for name, load in _PHOTO_SOURCES:
+    for name, load in sources:
         try:
             found.append((name, _as_uint8_chw(load())))
         except Exception:  # noqa: BLE001 - a photograph missing from this install is simply skipped
             continue
-    if len(found) < MIN_PHOTOGRAPHS:
+    if len(found) < needed:
         raise RuntimeError(
-            f"only {len(found)} bundled photographs could be loaded offline ({[n for n, _ in found]}); "
-            f"at least {MIN_PHOTOGRAPHS} are needed - check the scikit-learn / scikit-image installation"
+            f"only {len(found)} bundled {pool} photographs could be loaded offline ({[n for n, _ in found]}); "
+            f"at least {needed} are needed - check the scikit-learn / scikit-image installation"
         )
+    if pool == "public":
+        check_pools_disjoint(_decoded_photographs("private"), tuple(found))
     return tuple(found)
 
 
-def load_photographs() -> dict[str, Tensor]:
-    """The bundled photographs available offline, name -> uint8 ``[C, H, W]`` (shared cache: do not modify)."""
-    return dict(_decoded_photographs())
+def _thumbnail(photo: Tensor) -> Tensor:
+    """A 32x32 standardised grey thumbnail: the same picture at another size or in grey matches it."""
+    x = _to_channels(photo.float()[None] / 255.0, 1)
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False).flatten()
+    return (x - x.mean()) / x.std().clamp_min(1e-6)
+
+
+def check_pools_disjoint(private: tuple[tuple[str, Tensor], ...], public: tuple[tuple[str, Tensor], ...]) -> None:
+    """Raise if a public source is a private one: same name, identical pixels, or the same picture (grey
+    32x32 thumbnails correlated above 0.95)."""
+    private_names = {n for n, _ in private}
+    private_bytes = {(tuple(p.shape), p.numpy().tobytes()) for _, p in private}
+    thumbs = [(n, _thumbnail(p)) for n, p in private]
+    for name, photo in public:
+        if name in private_names or (tuple(photo.shape), photo.numpy().tobytes()) in private_bytes:
+            raise RuntimeError(f"public photograph {name!r} is also a private one: the pools must be disjoint")
+        t = _thumbnail(photo)
+        for pname, pt in thumbs:
+            if float((t * pt).mean()) > 0.95:
+                raise RuntimeError(f"public photograph {name!r} is the same picture as private {pname!r}")
+
+
+def load_photographs(pool: Pool = "private") -> dict[str, Tensor]:
+    """The bundled photographs of ``pool`` available offline, name -> uint8 ``[C, H, W]`` (shared cache: do not modify)."""
+    return dict(_decoded_photographs(pool))
 
 
 class BundledPhotographs(_TensorImageDataset):
@@ -200,14 +292,18 @@ class BundledPhotographs(_TensorImageDataset):
     Crop 0 of each photograph is its largest central square; the others are random squares with side in
     [50%, 100%] of the shorter side, drawn from a generator seeded by ``seed`` and the photograph's name
     (so crops do not shift if another photograph is unavailable). ``crop_boxes[i]`` is ``(top, left, side)``.
+    ``pool`` chooses the PRIVATE photographs (attacked; default) or the disjoint PUBLIC ones (module docs).
     """
 
-    def __init__(self, image_size: int = 32, channels: int = 3, crops_per_photo: int = 8, seed: int = 0) -> None:
+    def __init__(
+        self, image_size: int = 32, channels: int = 3, crops_per_photo: int = 8, seed: int = 0, pool: Pool = "private"
+    ) -> None:
         _check_size_channels(image_size, channels)
+        _check_pool(pool)
         if not isinstance(crops_per_photo, int) or crops_per_photo < 1:
             raise ValueError(f"crops_per_photo must be a positive int, got {crops_per_photo!r}")
         images, targets, boxes, classes = [], [], [], []
-        for label, (name, photo) in enumerate(_decoded_photographs()):
+        for label, (name, photo) in enumerate(_decoded_photographs(pool)):
             classes.append(name)
             h, w = photo.shape[-2:]
             short = min(h, w)
@@ -226,6 +322,27 @@ class BundledPhotographs(_TensorImageDataset):
                 boxes.append((top, left, side))
         super().__init__(torch.stack(images).contiguous(), targets, classes)
         self.crop_boxes: list[tuple[int, int, int]] = boxes
+        self.pool = pool
+
+
+def public_photograph_count() -> int:
+    """How many PUBLIC photographs this install provides."""
+    return len(_decoded_photographs("public"))
+
+
+def public_images(image_size: int, count: int, seed: int = 1, channels: int = 3) -> Tensor:
+    """``[count, channels, s, s]`` random crops in [0, 1] of the PUBLIC photographs only (module docs).
+
+    What the attacker's side (auxiliary statistics, BN calibration) may read: it has no way to ask for the
+    private pool. Crops cycle over the public photographs; which crops is fixed by ``seed``.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be a positive int, got {count!r}")
+    per_photo = -(-count // public_photograph_count())
+    ds = BundledPhotographs(image_size=image_size, channels=channels, crops_per_photo=per_photo, seed=seed, pool="public")
+    gen = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(len(ds), generator=gen)[:count]
+    return ds.images[order].clone()
 
 
 # ----------------------------------------------------------------------------------------------- on disk
@@ -341,13 +458,20 @@ def build_dataset(
     train: bool = True,
     crops_per_photo: int = 8,
     seed: int = 0,
+    pool: Pool = "private",
 ) -> Dataset:
-    """Dataset by (case-insensitive) name; ``root`` is only needed for on-disk datasets."""
+    """Dataset by (case-insensitive) name; ``root`` is only needed for on-disk datasets.
+
+    ``pool`` (bundled datasets only) picks the private (attacked) or public images (module docs).
+    """
+    _check_pool(pool)
     key = str(name).lower().replace("-", "").replace("_", "")
     if key == "digits":
-        return BundledDigits(image_size=image_size, channels=channels)
+        return BundledDigits(image_size=image_size, channels=channels, pool=pool)
     if key == "photographs":
-        return BundledPhotographs(image_size=image_size, channels=channels, crops_per_photo=crops_per_photo, seed=seed)
+        return BundledPhotographs(image_size=image_size, channels=channels, crops_per_photo=crops_per_photo, seed=seed, pool=pool)
+    if pool != "private":
+        raise ValueError(f"pool={pool!r} applies to the bundled datasets only; for '{name}' use its own splits")
     if key == "imagefolder":
         return image_folder(root, image_size=image_size, channels=channels)
     if key in _TORCHVISION:
