@@ -12,7 +12,9 @@ sigmoid LeNets; GIAS (and latent search alone) with the generator snapshots at s
 tasks (other crops, other random networks).
 
     OMP_NUM_THREADS=1 python benchmarks/gias_bench.py [--part all|gias|giml] [--budget 240] [--batches 2]
-        [--meta-steps 150] [--inner 30]  ->  benchmarks/results/gias_bench.json
+        [--meta-steps 150] [--inner 30] [--meta-lr 1e-2] [--giml-loop authors|previous]
+        ->  benchmarks/results/gias_bench.json (GIML keys: giml_authors_loop_meta_lr_*; "giml", "giml_meta_lr_0.001":
+        the loop before issue 11)
 """
 from __future__ import annotations
 
@@ -105,13 +107,22 @@ def part_giml(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_gi.labels import SharedLabels
     from lightning_gi.victim.models import LeNet
 
-    def tasks(seed: int, crop_seed: int, n: int) -> GradientTasks:
-        return GradientTasks(LeNet(num_classes=14), image_shape=(3, 32, 32), batch_size=4, num_tasks=n, task_seed=seed, model_seed=seed, crop_seed=crop_seed, crops_per_photo=8)
+    def tasks(seed: int, crop_seed: int, n: int, **kw: Any) -> GradientTasks:
+        return GradientTasks(LeNet(num_classes=14), image_shape=(3, 32, 32), batch_size=4, num_tasks=n, task_seed=seed, model_seed=seed, crop_seed=crop_seed, crops_per_photo=8, **kw)
 
-    train = tasks(0, 1, args.meta_steps)  # crops drawn with seed 1
-    held_out = tasks(10_000, 0, args.eval_tasks)  # other crops, other random networks
+    if args.giml_loop == "authors":  # train_gen.py: 4 single-image gradients per task, one victim trained every 50 tasks
+        loop = dict(gradients_per_task="per_image", victim_mode="sgd_every", victim_update_every=50)
+        giml_kw: dict[str, Any] = {}
+    else:  # the loop before issue 11: one batch-mean gradient per task on a fresh random network, constant lrs,
+        # mean(z^2) penalty, TV 1e-6
+        from lightning_gi.objectives import TotalVariation
+
+        loop = dict(gradients_per_task="batch", victim_mode="reinit")
+        giml_kw = dict(latent_penalty="mean_square", milestone_fractions=None, priors=[TotalVariation(weight=1e-6)])
+    train = tasks(0, 1, args.meta_steps, **loop)  # crops drawn with seed 1
+    held_out = tasks(10_000, 0, args.eval_tasks, victim_mode="reinit")  # other crops, other random networks
     torch.manual_seed(0)
-    giml = GIML("dcgan32", generator_kwargs=dict(z_dim=64, ngf=32), latent_steps=args.inner, adapt_steps=args.inner, meta_lr=args.meta_lr, generator_out=None)
+    giml = GIML("dcgan32", generator_kwargs=dict(z_dim=64, ngf=32), latent_steps=args.inner, adapt_steps=args.inner, meta_lr=args.meta_lr, generator_out=None, **giml_kw)
     snapshots = {0: copy.deepcopy(giml.generator)}
     marks = sorted({int(round(f * args.meta_steps)) for f in (0.25, 0.5, 1.0)} - {0})
     t = time.perf_counter()
@@ -140,7 +151,7 @@ def part_giml(args: argparse.Namespace) -> dict[str, Any]:
             evals[m][variant] = _mean(rows)
         print("meta-step", m, evals[m], flush=True)
     return {
-        "settings": {"meta_steps": args.meta_steps, "meta_lr": args.meta_lr, "inner_latent_steps": args.inner, "inner_adapt_steps": args.inner, "eval_tasks": args.eval_tasks, "eval_gias_steps": args.eval_steps, "victim": "sigmoid LeNet (random per task, 14 classes), 32x32", "generator": "DCGAN 32x32 z64 ngf32, untrained at meta-step 0"},
+        "settings": {"giml_loop": args.giml_loop, "tasks": loop, "meta_steps": args.meta_steps, "meta_lr": args.meta_lr, "inner_latent_steps": args.inner, "inner_adapt_steps": args.inner, "eval_tasks": args.eval_tasks, "eval_gias_steps": args.eval_steps, "victim": "sigmoid LeNet (random per task, 14 classes), 32x32", "generator": "DCGAN 32x32 z64 ngf32, untrained at meta-step 0"},
         "meta_train_seconds": meta_s,
         "gias_quality_by_meta_step": {str(k): v for k, v in evals.items()},
         "inner_history_tail": giml.history[-3:],
@@ -160,6 +171,7 @@ def main() -> None:
     p.add_argument("--inner", type=int, default=30, help="GIML inner latent and adaptation steps")
     p.add_argument("--eval-tasks", type=int, default=3)
     p.add_argument("--eval-steps", type=int, default=60)
+    p.add_argument("--giml-loop", choices=("authors", "previous"), default="authors", help="authors: train_gen.py's loop (default); previous: the loop before issue 11")
     p.add_argument("--name", default="gias_bench")
     args = p.parse_args()
     single_thread()
@@ -171,6 +183,8 @@ def main() -> None:
         write_json(args.name, payload)
     if args.part in ("all", "giml"):
         key = "giml" if args.meta_lr == 1e-2 else f"giml_meta_lr_{args.meta_lr:g}"
+        if args.giml_loop == "authors":
+            key = f"giml_authors_loop_meta_lr_{args.meta_lr:g}"
         payload[key] = part_giml(args)
         write_json(args.name, payload)
 
