@@ -155,3 +155,36 @@ def test_interrupted_run_writes_outputs(tmp_path, lean_trainer_kwargs, how):
     assert png.text["title"].startswith("INTERRUPTED")
     rec = torch.load(tmp_path / "reconstruction.pt", weights_only=True)
     assert torch.isfinite(rec["images"]).all() and rec["step"] == metrics["steps"]
+
+
+def test_run_without_ground_truth_writes_metrics_and_grid(tmp_path, lean_trainer_kwargs):
+    """An observation from elsewhere (no ground truth): metrics.json still records status, distance,
+    labels and saturation; the grid shows the reconstructions with their labels."""
+    from lightning_gi.observation import capture_observation
+    from lightning_gi.victim import ObservationFileVictim
+
+    torch.manual_seed(0)
+    model = LeNet(num_classes=10, image_size=16)
+    image = BundledPhotographs(image_size=16, crops_per_photo=1)[5][0].unsqueeze(0)
+    obs = capture_observation(model, image, torch.tensor([2]))
+    path = tmp_path / "obs.pt"
+    obs.save(str(path))
+    victim = ObservationFileVictim(model=model, observation_path=str(path), image_shape=(3, 16, 16))
+    report = ReconstructionReport(save_every_n_steps=0)
+    attack = IDLG(optimizer=_adam, seed=0)
+    pl.Trainer(max_steps=2, callbacks=[report], **lean_trainer_kwargs).fit(attack, victim)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["recovered_labels"] == [2]
+    assert "psnr" not in metrics and 0.0 <= metrics["saturation"] <= 1.0
+    png = Image.open(tmp_path / "reconstruction.png")
+    assert png.width >= 128 and json.loads(png.text["captions"]) == ["label 2"]
+
+
+def test_lpips_hint_is_said_once_per_process(tmp_path, lean_trainer_kwargs, caplog):
+    from lightning_gi.callbacks import report as report_module
+
+    report_module._NOTES_SHOWN.clear()
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            _fit(tmp_path, lean_trainer_kwargs, [ReconstructionReport(save_every_n_steps=0)], steps=1)
+    assert caplog.text.count("LPIPS off: to enable it, put alexnet-owt-7be5be79.pth in") == 1
