@@ -271,7 +271,10 @@ def saturated_fraction(images: Tensor) -> float:
 
 
 def saturation_warning(
-    reconstructions: Tensor, ground_truth: Optional[Tensor] = None, threshold: float = SATURATION_THRESHOLD
+    reconstructions: Tensor,
+    ground_truth: Optional[Tensor] = None,
+    threshold: float = SATURATION_THRESHOLD,
+    distance_ratio: Optional[float] = None,
 ) -> Optional[str]:
     """A one-line warning when more than ``threshold`` of the reconstruction's pixels are clipped at 0 or 1
     (and, with a ground truth, clearly more than in it), else None.
@@ -279,16 +282,24 @@ def saturation_warning(
     A reconstruction optimised in the victim's input space is mapped to [0, 1] with the client's mean/std;
     with a missing or wrong normalisation most pixels land outside [0, 1] and are clipped, so the image
     looks saturated and its PSNR/SSIM under-report the leakage (issue 14: 11.9 dB instead of 70 dB).
+    A random start (standard normal in input space) is saturated too: ``distance_ratio`` (best matching
+    distance / distance at the first step) tells the two apart; above 0.01 the attack has not converged.
     """
     frac = saturated_fraction(reconstructions)
     reference = 0.0 if ground_truth is None else saturated_fraction(ground_truth)
     if frac <= threshold or frac <= reference + 0.1:
         return None
     ref = "" if ground_truth is None else f" (ground truth: {reference:.0%})"
-    return (
-        f"reconstruction saturated: {frac:.0%} of pixels clipped at 0 or 1{ref}; if the attack converged (small "
-        "matching distance), the normalisation (mean/std of the victim's input) is likely missing or wrong and "
-        "the scores under-report the leakage"
+    head = f"reconstruction saturated: {frac:.0%} of pixels clipped at 0 or 1{ref}; "
+    if distance_ratio is not None and distance_ratio > 0.01:
+        return head + (
+            f"the attack has probably not converged (matching distance still {distance_ratio:.0%} of its first "
+            "value); if it has, check the normalisation (mean/std of the victim's input)"
+        )
+    cause = "the gradients match, so " if distance_ratio is not None else "if the attack converged, "
+    return head + (
+        f"{cause}the likely cause is a missing or wrong normalisation (mean/std of the victim's input), which "
+        "makes the scores under-report the leakage"
     )
 
 
@@ -311,6 +322,7 @@ def reconstruction_metrics(
     true_labels: Optional[Tensor] = None,
     lpips_model: Optional[nn.Module] = None,
     lpips_note: Optional[str] = None,
+    distance_ratio: Optional[float] = None,
 ) -> dict[str, Any]:
     """JSON-serialisable quality report after one-to-one assignment (means over ground-truth images).
 
@@ -320,8 +332,8 @@ def reconstruction_metrics(
     label_accuracy_paired (per-image: the label of the reconstruction paired with each ground-truth image by
     the image assignment, which depends on how well noisy images pair up), label_multiset_accuracy (same
     as label_accuracy), saturation (share of reconstruction pixels clipped at 0 or 1), saturation_warning
-    (see :func:`saturation_warning`), assignment, num_images, per_image. PSNR of a perfect reconstruction
-    is ``inf`` (``json.dumps`` writes Infinity).
+    (see :func:`saturation_warning`, which ``distance_ratio`` refines), assignment, num_images,
+    per_image. PSNR of a perfect reconstruction is ``inf`` (``json.dumps`` writes Infinity).
     """
     _check_images(reconstructions, ground_truth)
     rec = reconstructions.detach().float().clamp(0.0, 1.0)
@@ -376,7 +388,7 @@ def reconstruction_metrics(
         "label_accuracy_paired": paired_accuracy,
         "label_multiset_accuracy": multiset_accuracy,
         "saturation": saturated_fraction(rec),
-        "saturation_warning": saturation_warning(rec, gt),
+        "saturation_warning": saturation_warning(rec, gt, distance_ratio=distance_ratio),
         "assignment": [int(j) for j in perm.tolist()],
         "num_images": n,
         "per_image": per_image,

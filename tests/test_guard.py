@@ -40,10 +40,12 @@ def test_all_zero_observation_stops_before_step_zero(lean_trainer_kwargs):
     model, image, label = _case()
     victim = TensorBatchVictim(model, image, label, defenses=[TopKPruning(prune_ratio=1.0)], share_labels=True)
     steps = _Steps()
-    trainer = pl.Trainer(max_steps=20, callbacks=[steps, DivergenceGuard()], **lean_trainer_kwargs)
+    report = ReconstructionReport(save_every_n_steps=0)
+    trainer = pl.Trainer(max_steps=20, callbacks=[steps, report, DivergenceGuard()], **lean_trainer_kwargs)
     with pytest.raises(UninformativeObservationError, match="observed gradient is all zero"):
         trainer.fit(_shared_labels_attack(), victim)
     assert steps.batches == 0
+    assert report.metrics is None  # nothing optimised: no outputs claiming a result
 
 
 def _shared_labels_attack(**kwargs):

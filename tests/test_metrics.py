@@ -144,6 +144,9 @@ def test_saturation_warning_fires_on_unnormalised_reconstruction():
     report = reconstruction_metrics(unnormalised, gt)
     assert report["saturation"] > 0.5
     assert "normalisation" in report["saturation_warning"] and "mean/std" in report["saturation_warning"]
+    converged = reconstruction_metrics(unnormalised, gt, distance_ratio=1e-6)["saturation_warning"]
+    assert "the gradients match, so the likely cause is a missing or wrong normalisation" in converged
+    assert "not converged" in reconstruction_metrics(unnormalised, gt, distance_ratio=0.5)["saturation_warning"]
     good = reconstruction_metrics((gt + 0.02).clamp(0, 1), gt)
     assert good["saturation"] < 0.1 and good["saturation_warning"] is None
     # a ground truth that is itself mostly black (MNIST-like) does not trigger it

@@ -94,6 +94,10 @@ class ReconstructionReport(pl.Callback):
         self.metrics: Optional[dict[str, Any]] = None
         self.output_dir: Optional[str] = None
         self._writing = False
+        self._first_distance: Optional[float] = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first_distance = None
 
     def _save_reconstruction(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gather: bool = True) -> dict[str, Any]:
         # Under a gi_shard/gi_restarts strategy every rank takes part in the gather; only rank 0 writes.
@@ -107,6 +111,9 @@ class ReconstructionReport(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
+        if self._first_distance is None and hasattr(pl_module, "best_loss"):
+            # the matching distance of the first iterate (one host sync, once): a reference for convergence
+            self._first_distance = float(pl_module.best_loss)
         if self.save_every_n_steps and step % self.save_every_n_steps == 0 and (trainer.is_global_zero or _sharded(pl_module)):
             self._save_reconstruction(trainer, pl_module)
 
@@ -125,6 +132,8 @@ class ReconstructionReport(pl.Callback):
         """Any stop (KeyboardInterrupt, SIGTERM, an error): write the best reconstruction so far, its metrics
         and ``"status": "interrupted"``. Never raises (the original exception is what the user must see)."""
         if self._writing or not trainer.is_global_zero or getattr(pl_module, "best_images", None) is None:
+            return
+        if trainer.global_step == 0:  # stopped before the first step (e.g. a failed start-of-run check): nothing to save
             return
         reason = f"{type(exception).__name__}: {exception}".rstrip(": ")
         if _sharded(pl_module):  # a gather would wait for ranks that may be gone; keep the periodic file
@@ -165,13 +174,18 @@ class ReconstructionReport(pl.Callback):
             matching_distance=rec["matching_distance"],
             recovered_labels=rec["labels"].tolist(),
         )
+        first = self._first_distance
+        ratio = rec["matching_distance"] / first if first is not None and math.isfinite(first) and first > 0 else None
+        metrics["distance_ratio"] = ratio
         if gt is not None:
             lpips_model = load_lpips(self.lpips_net)
             note = None if lpips_model is not None else lpips_unavailable_reason(self.lpips_net)
-            metrics.update(reconstruction_metrics(images, gt.images, rec["labels"], gt.labels, lpips_model, note))
+            metrics.update(reconstruction_metrics(images, gt.images, rec["labels"], gt.labels, lpips_model, note, ratio))
             metrics["true_labels"] = gt.labels.tolist()
         else:
-            metrics.update(saturation=saturated_fraction(images), saturation_warning=saturation_warning(images))
+            metrics.update(
+                saturation=saturated_fraction(images), saturation_warning=saturation_warning(images, distance_ratio=ratio)
+            )
         self.metrics = metrics
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(_json_safe(metrics), f, indent=2)
