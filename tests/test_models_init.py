@@ -148,3 +148,14 @@ def test_resized_head_and_stem_use_the_architecture_init(tmp_path):
                          image_shape=(1, 32, 32)).model
     assert _same(grey, again) and grey.conv1.weight.shape == (64, 1, 7, 7)
     assert abs(float(grey.conv1.weight.detach().std()) / math.sqrt(2.0 / (64 * 49)) - 1.0) < 0.1
+
+
+def test_seeded_bn_calibrated_victim_keeps_its_calibration():
+    """model_seed on a calibrated stand-in rebuilds the calibrated model with that seed (BN statistics kept)."""
+    from lightning_gi.victim.calibration import bn_calibrated_classifier
+
+    model = bn_calibrated_classifier("resnet18", 10, image_size=16, seed=0, crops_per_photo=1)
+    reinitialise(model, 3)
+    expected = bn_calibrated_classifier("resnet18", 10, image_size=16, seed=3, crops_per_photo=1)
+    assert _same(model, expected)
+    assert float(model.bn1.running_var.sub(1).abs().max()) > 1e-3  # calibrated, not the fresh 0/1 statistics

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .models import reinitialise, torchvision_classifier
+from .models import reinitialise, remember_builder, torchvision_classifier
 
 __all__ = ["bn_calibrated_classifier", "calibrate_batchnorm", "calibration_images"]
 
@@ -71,13 +71,22 @@ def bn_calibrated_classifier(
     Returned in eval mode.
     """
     model = torchvision_classifier(name, num_classes=num_classes, weights_path=weights_path)
-    if weights_path is not None:
-        return model.eval()
-    reinitialise(model, seed)
-    images = calibration_images(image_size, crops_per_photo, calibration_seed)
-    m = torch.tensor(list(mean if mean is not None else _IMAGENET_MEAN), dtype=torch.float32).view(-1, 1, 1)
-    s = torch.tensor(list(std if std is not None else _IMAGENET_STD), dtype=torch.float32).view(-1, 1, 1)
-    return calibrate_batchnorm(model, (images.float() - m) / s).eval()
+    if weights_path is None:
+        reinitialise(model, seed)
+        images = calibration_images(image_size, crops_per_photo, calibration_seed)
+        m = torch.tensor(list(mean if mean is not None else _IMAGENET_MEAN), dtype=torch.float32).view(-1, 1, 1)
+        s = torch.tensor(list(std if std is not None else _IMAGENET_STD), dtype=torch.float32).view(-1, 1, 1)
+        calibrate_batchnorm(model, (images.float() - m) / s)
+    # a data.model_seed re-draw rebuilds the calibrated model with that seed (not a bare torchvision one)
+    remember_builder(
+        model, bn_calibrated_classifier, name=name, num_classes=num_classes, image_size=image_size,
+        mean=None if mean is None else list(mean), std=None if std is None else list(std), seed=seed,
+        weights_path=weights_path, crops_per_photo=crops_per_photo, calibration_seed=calibration_seed,
+    )
+    return model.eval()
+
+
+bn_calibrated_classifier.seed_argument = "seed"  # type: ignore[attr-defined]  # see models.reinitialise
 
 
 def calibration_images(image_size: int, crops_per_photo: int = 6, calibration_seed: int = 7) -> torch.Tensor:

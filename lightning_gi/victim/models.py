@@ -102,7 +102,7 @@ def _builder_of(model: nn.Module) -> tuple[Callable[..., nn.Module], dict[str, A
     return cls, kwargs
 
 
-def seeded_build(builder: Callable[..., nn.Module], seed: int, **kwargs: Any) -> nn.Module:
+def seeded_build(builder: Callable[..., nn.Module], seed: int, /, **kwargs: Any) -> nn.Module:
     """``torch.manual_seed(seed); builder(**kwargs)`` on a forked CPU RNG: the global stream is untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
@@ -117,13 +117,18 @@ def reinitialise(model: nn.Module, seed: int) -> nn.Module:
     ``torch.manual_seed(seed); Model(**kwargs)`` exactly: torchvision's kaiming_normal(fan_out) ResNet init,
     DLG's uniform(-0.5, 0.5) LeNet init, a user class's own init. Constructor arguments come from
     :func:`remember_builder` records (LeNet, torchvision_classifier) or same-named instance attributes.
-    A ``weights_path`` recorded by :func:`torchvision_classifier` is dropped: a seed means untrained.
+    A recorded ``weights_path`` is dropped (a seed means untrained); a builder with a ``seed_argument``
+    attribute gets the seed through that argument instead.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"model seed must be an int, got {seed!r}")
     builder, kwargs = _builder_of(model)
-    if builder is torchvision_classifier:
-        kwargs = {**kwargs, "weights_path": None}
+    kwargs = dict(kwargs)
+    if "weights_path" in kwargs:
+        kwargs["weights_path"] = None
+    seed_argument = getattr(builder, "seed_argument", None)
+    if seed_argument:  # a factory that seeds itself (e.g. bn_calibrated_classifier's ``seed``)
+        kwargs[seed_argument] = seed
     fresh = seeded_build(builder, seed, **kwargs)
     own, new = model.state_dict(), fresh.state_dict()
     if own.keys() != new.keys() or any(own[k].shape != new[k].shape for k in own):
