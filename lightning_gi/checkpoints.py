@@ -67,6 +67,14 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, what: str = "pretrained 
     )
 
 
+def _first_sentence(err: BaseException, limit: int = 120) -> str:
+    """The first sentence of an error message (torch's loader errors run to several paragraphs)."""
+    text = " ".join(str(err).split())
+    cut = text.find(". ")
+    text = text if cut < 0 else text[: cut + 1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_state_dict_file(path: str | os.PathLike, what: str = "state_dict") -> dict[str, torch.Tensor]:
     """Load a state dict (.pt/.pth via weights_only=True, or .safetensors) without executing code."""
     path = resolve_checkpoint(path, what)
@@ -79,8 +87,8 @@ def load_state_dict_file(path: str | os.PathLike, what: str = "state_dict") -> d
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
         raise CorruptCheckpointError(
-            f"{what}: cannot read '{path}' ({type(err).__name__}: {err}); the file is corrupt, truncated "
-            f"or not a plain state dict. See {CHECKPOINTS_README}."
+            f"{what}: cannot read '{path}' ({type(err).__name__}: {_first_sentence(err)}); the file is corrupt, "
+            f"truncated or not a plain state dict. See {CHECKPOINTS_README}."
         ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]

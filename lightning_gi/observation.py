@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -25,6 +26,8 @@ from torch import Tensor, nn
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 _KNOWN_KEYS = {"format_version", "gradients", "batch_size", "labels", "param_names", "metadata", "loss_reduction"}
+MAX_BATCH_SIZE = 4096
+"""Largest batch an observation may claim: an attack allocates one dummy image per sample."""
 
 
 class ObservationError(ValueError):
@@ -62,6 +65,12 @@ class GradientObservation:
         for i, g in enumerate(self.gradients):
             if not isinstance(g, Tensor):
                 raise ObservationError(f"{self._name(i)} is a {type(g).__name__}, expected a torch.Tensor")
+            if g.layout != torch.strided:
+                raise ObservationError(f"{self._name(i)} is a {g.layout} tensor, expected a dense tensor (call .to_dense())")
+            if g.is_meta:
+                raise ObservationError(f"{self._name(i)} is a meta tensor without data")
+            if g.is_quantized or g.is_complex():
+                raise ObservationError(f"{self._name(i)} has dtype {g.dtype}, expected a real floating-point tensor")
             if not torch.is_floating_point(g):
                 raise ObservationError(f"{self._name(i)} has dtype {g.dtype}, expected a floating-point tensor")
             if not bool(torch.isfinite(g).all()):
@@ -69,9 +78,17 @@ class GradientObservation:
                 raise ObservationError(f"{self._name(i)} contains {bad} NaN/inf entries: the observation is unusable")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ObservationError(f"'batch_size' must be a positive int, got {self.batch_size!r}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ObservationError(
+                f"'batch_size' is {self.batch_size}, above the supported maximum of {MAX_BATCH_SIZE} images"
+            )
         if self.param_names is not None:
-            if not all(isinstance(n, str) for n in self.param_names):
+            if not isinstance(self.param_names, (list, tuple)) or not all(isinstance(n, str) for n in self.param_names):
                 raise ObservationError("'param_names' must be a list of strings")
+            self.param_names = list(self.param_names)
+            if len(set(self.param_names)) != len(self.param_names):
+                dup = sorted({n for n in self.param_names if self.param_names.count(n) > 1})
+                raise ObservationError(f"'param_names' lists {dup} more than once")
             if len(self.param_names) != len(self.gradients):
                 raise ObservationError(
                     f"'param_names' has {len(self.param_names)} entries but 'gradients' has {len(self.gradients)}"
@@ -92,25 +109,31 @@ class GradientObservation:
     def check_against(self, model: nn.Module, num_classes: Optional[int] = None) -> None:
         """Check that the gradients fit ``model.parameters()`` one to one (count and shapes)."""
         params = list(model.named_parameters())
+        names = [n for n, _ in params]
         if len(params) != len(self.gradients):
             raise ObservationError(
                 f"the observation has {len(self.gradients)} gradient tensors but the victim model "
                 f"{type(model).__name__} has {len(params)} parameters; gradients must follow "
                 "list(model.parameters()) order, one tensor per parameter"
             )
+        if self.param_names is not None and self.param_names != names:
+            if sorted(self.param_names) == sorted(names):
+                moved = [n for n, m in zip(self.param_names, names) if n != m]
+                raise ObservationError(
+                    f"the observation's gradients are in a different order than the victim's parameters "
+                    f"({', '.join(moved[:4])}{' ...' if len(moved) > 4 else ''} are out of place); "
+                    "gradients must follow list(model.parameters()) order"
+                )
+            first = next((i for i, (a, b) in enumerate(zip(self.param_names, names)) if a != b), 0)
+            raise ObservationError(
+                f"param_names[{first}] is '{self.param_names[first]}' but the victim's parameter "
+                f"{first} is '{names[first]}': was the gradient captured from another architecture?"
+            )
         for i, ((pname, p), g) in enumerate(zip(params, self.gradients)):
             if tuple(g.shape) != tuple(p.shape):
                 raise ObservationError(
                     f"{self._name(i)} has shape {tuple(g.shape)} but the victim's parameter '{pname}' "
                     f"has shape {tuple(p.shape)}"
-                )
-        if self.param_names is not None:
-            names = [n for n, _ in params]
-            if self.param_names != names:
-                first = next(i for i, (a, b) in enumerate(zip(self.param_names, names)) if a != b)
-                raise ObservationError(
-                    f"param_names[{first}] is '{self.param_names[first]}' but the victim's parameter "
-                    f"{first} is '{names[first]}': was the gradient captured from another architecture?"
                 )
         if num_classes is not None and self.labels is not None and bool((self.labels >= num_classes).any()):
             raise ObservationError(
@@ -151,7 +174,12 @@ class GradientObservation:
             raise ObservationError(f"unknown observation key(s) {unknown}; known keys: {sorted(_KNOWN_KEYS)}")
         metadata = d.get("metadata") or {}
         if not isinstance(metadata, Mapping):
-            raise ObservationError("'metadata' must be a dict")
+            raise ObservationError(f"'metadata' must be a dict, got {type(metadata).__name__}")
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not (value is None or isinstance(value, (str, int, float, bool))):
+                raise ObservationError(
+                    f"'metadata' entry {key!r} must map a string to a str/int/float/bool, got {type(value).__name__}"
+                )
         return cls(
             gradients=d["gradients"],
             batch_size=d["batch_size"],
@@ -169,16 +197,106 @@ class GradientObservation:
     def load(cls, path: str | os.PathLike) -> "GradientObservation":
         """Load with ``weights_only=True``; any failure becomes an :class:`ObservationError`."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ObservationError(f"observation file not found: {path}")
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated, corrupt, or holding objects outside the safe allow-list
-            raise ObservationError(f"cannot read observation file {path}: {type(err).__name__}: {err}") from None
+        raw = read_torch_file(path, "observation file")
         try:
             return cls.from_dict(raw)
         except ObservationError as err:
             raise ObservationError(f"{path}: {err}") from None
+
+
+def read_torch_file(path: str | os.PathLike, what: str) -> Any:
+    """``torch.load(weights_only=True)`` with every failure as one :class:`ObservationError` sentence.
+
+    Distinguishes a missing, empty, compressed, text, truncated and otherwise unreadable file.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ObservationError(f"{what} not found: {path}")
+    if not os.path.isfile(path):
+        raise ObservationError(f"{what} {path} is not a regular file")
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if not head:
+        raise ObservationError(f"{what} {path} is empty (0 bytes): not a torch.save file")
+    if head[:2] == b"\x1f\x8b":
+        raise ObservationError(f"{what} {path} is gzip-compressed: decompress it first (it must be a torch.save file)")
+    is_zip = head[:4] == b"PK\x03\x04"
+    is_pickle = head[:1] == b"\x80"
+    if not (is_zip or is_pickle):
+        raise ObservationError(f"{what} {path} is not a torch.save file (it starts with {head[:8]!r})")
+    try:
+        with warnings.catch_warnings():  # torch warns about sparse tensors it is about to validate
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupt, or holding objects outside the safe allow-list
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            reason = "it holds objects other than tensors and plain containers (refused: loading could run code)"
+        elif is_zip or isinstance(err, (EOFError, IndexError, RuntimeError)):
+            reason = f"it is truncated or corrupt ({type(err).__name__}: {text[:120]})"
+        else:
+            reason = f"{type(err).__name__}: {text[:120]}"
+        raise ObservationError(f"cannot read {what} {path}: {reason}") from None
+
+
+def load_ground_truth(
+    path: str | os.PathLike,
+    image_shape: Sequence[int],
+    batch_size: int,
+    num_classes: Optional[int] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Read and check a ground-truth file ``{"images": [N,C,H,W] in [0,1], "labels": [N]}`` (labels optional).
+
+    Everything is checked before the attack starts, so a bad file never fails after a long run.
+    Returns ``(images float32, labels int64 or None)``.
+    """
+    path = os.fspath(path)
+    raw = read_torch_file(path, "ground-truth file")
+    if not isinstance(raw, Mapping):
+        raise ObservationError(f"ground-truth file {path} must hold a dict with 'images' (and 'labels'), found {type(raw).__name__}")
+    unknown = sorted(set(map(str, raw.keys())) - {"images", "labels", "metadata"})
+    if unknown:
+        raise ObservationError(f"ground-truth file {path} has unknown key(s) {unknown}; known keys: images, labels, metadata")
+    images, labels = raw.get("images"), raw.get("labels")
+    shape = tuple(int(s) for s in image_shape)
+    expected = f"[{batch_size},{','.join(map(str, shape))}]"
+    if not isinstance(images, Tensor) or images.layout != torch.strided or images.is_meta:
+        raise ObservationError(f"ground-truth file {path}: 'images' must be a dense tensor of shape {expected}")
+    if not torch.is_floating_point(images):
+        raise ObservationError(f"ground-truth file {path}: 'images' has dtype {images.dtype}, expected floats in [0,1]")
+    if images.ndim != 4 or tuple(images.shape[1:]) != shape:
+        raise ObservationError(
+            f"ground-truth file {path}: 'images' has shape {tuple(images.shape)}, expected {expected} (the data's image_shape)"
+        )
+    if images.shape[0] != batch_size:
+        raise ObservationError(
+            f"ground-truth file {path}: {images.shape[0]} images but the observation's batch_size is {batch_size}"
+        )
+    if not bool(torch.isfinite(images).all()):
+        raise ObservationError(f"ground-truth file {path}: 'images' contains NaN/inf")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ObservationError(
+            f"ground-truth file {path}: 'images' range from {lo:.3g} to {hi:.3g}; ground truth must be "
+            "un-normalised images in [0,1]"
+        )
+    if labels is None:
+        return images.float(), None
+    if (
+        not isinstance(labels, Tensor) or labels.layout != torch.strided or labels.is_meta
+        or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8)
+    ):
+        raise ObservationError(f"ground-truth file {path}: 'labels' must be an integer tensor of shape [{batch_size}]")
+    labels = labels.long().reshape(-1)
+    if labels.numel() != batch_size:
+        raise ObservationError(
+            f"ground-truth file {path}: {labels.numel()} labels for {batch_size} image(s); one label per image"
+        )
+    if bool((labels < 0).any()) or (num_classes is not None and bool((labels >= num_classes).any())):
+        raise ObservationError(
+            f"ground-truth file {path}: labels {labels.tolist()} outside [0, {num_classes if num_classes is not None else 'inf'})"
+        )
+    return images.float(), labels
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:

@@ -6,7 +6,9 @@ Two sources share one base class:
 - :class:`ObservationFileVictim` reads a gradient captured elsewhere (docs/observation_format.md).
 
 The attack sees :meth:`VictimDataModule.attack_inputs` (model + observation + input geometry), never the
-ground truth (:meth:`VictimDataModule.ground_truth`), which only metric/monitor callbacks read.
+ground truth (:meth:`VictimDataModule.ground_truth`), which only metric/monitor callbacks read. Observation
+metadata (also written to observation files) never holds what rebuilds the private batch (dataset indices,
+``batch_seed``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..observation import GradientObservation, ObservationError, capture_observation
+from ..observation import GradientObservation, ObservationError, capture_observation, load_ground_truth
 from .defenses import Defense
 from .models import load_weights, reinitialise
 
@@ -220,7 +222,7 @@ class FedSGDVictim(VictimDataModule):
         if h != w:
             raise ValueError(f"bundled/torchvision datasets give square images; image_shape is {self.image_shape}")
         dataset = build_dataset(self.dataset_name, root=self.data_root, image_size=h, channels=c)
-        images, labels, indices = select_batch(
+        images, labels, _ = select_batch(
             dataset, self.batch_size, seed=self.batch_seed, label_mode=self.label_mode, num_distinct=self.num_distinct
         )
         if int(labels.max()) >= self.num_classes:
@@ -234,7 +236,9 @@ class FedSGDVictim(VictimDataModule):
             labels,
             defenses=self.defenses,
             share_labels=self.share_labels,
-            metadata={"dataset": self.dataset_name, "indices": ",".join(map(str, indices)), "batch_seed": self.batch_seed},
+            # what an attacker may know; never the batch's dataset indices or batch_seed, which rebuild the
+            # private batch exactly (the ground truth travels only in GroundTruth)
+            metadata={"dataset": self.dataset_name},
         )
         if self.save_observation:
             obs.save(self.save_observation)
@@ -270,19 +274,8 @@ class ObservationFileVictim(VictimDataModule):
         obs = GradientObservation.load(self.observation_path)
         gt = None
         if self.ground_truth_path:
-            if not os.path.isfile(self.ground_truth_path):
-                raise ObservationError(f"ground-truth file not found: {self.ground_truth_path}")
-            raw = torch.load(self.ground_truth_path, map_location="cpu", weights_only=True)
-            images, labels = raw.get("images"), raw.get("labels")
-            if not isinstance(images, Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
-                raise ObservationError(
-                    f"{self.ground_truth_path}: 'images' must be [N,{','.join(map(str, self.image_shape))}] in [0,1]"
-                )
-            if images.shape[0] != obs.batch_size:
-                raise ObservationError(
-                    f"{self.ground_truth_path}: {images.shape[0]} images but the observation's batch_size is {obs.batch_size}"
-                )
-            gt = GroundTruth(images.float(), labels.long() if isinstance(labels, Tensor) else torch.full((obs.batch_size,), -1))
+            images, labels = load_ground_truth(self.ground_truth_path, self.image_shape, obs.batch_size, self.num_classes)
+            gt = GroundTruth(images, labels if labels is not None else torch.full((obs.batch_size,), -1))
         return obs, gt
 
 
