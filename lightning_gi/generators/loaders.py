@@ -616,8 +616,9 @@ def load_official_pickle(path: str | os.PathLike, what: str = "StyleGAN2-ADA pic
     except CorruptCheckpointError:
         raise
     except Exception as err:  # truncated file, bad opcode, wrong format
+        reason = "it ends early" if isinstance(err, EOFError) else f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
         raise CorruptCheckpointError(
-            f"{what}: cannot read '{path}' ({type(err).__name__}: {str(err)[:200]}); the file is corrupt, truncated or "
+            f"{what}: cannot read '{path}' ({reason}); the file is corrupt, truncated or "
             f"not an official StyleGAN2-ADA pickle. See {CHECKPOINTS_README}."
         ) from None
 
