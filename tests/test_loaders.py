@@ -548,3 +548,14 @@ def test_architecture_arguments_are_bounded_before_allocation(tmp_path, init, ma
     official_layout_pickle(pkl, g, str(tmp_path / "PWNED"))
     with pytest.raises(CorruptCheckpointError, match=match):
         load_stylegan2_pkl(pkl, **init)
+
+
+def test_one_tensor_referenced_thousands_of_times_is_refused(tmp_path):
+    """Issue 16 item 4 (allocation): a 4 MB tensor named 3,000 times in a record's _parameters (memo references)
+    made record_state_dict copy it 3,000 times (12 GB) before any shape check; now refused while loading."""
+    tensor = op_tensor(torch.zeros(1 << 20)) + b"q\x05"
+    params = b"}(" + op_str("p0") + tensor + b"".join(op_str(f"p{i}") + b"h\x05" for i in range(1, 3000)) + b"u"
+    pkl = tmp_path / "reuse.pkl"
+    pkl.write_bytes(op_pickle(op_dict((op_str("G_ema"), op_record(op_dict((op_str("_parameters"), params)))))))
+    with pytest.raises(CorruptCheckpointError, match="more tensor bytes than the file holds"):
+        load_stylegan2_pkl(pkl)

@@ -553,8 +553,10 @@ for _op, _fn in (
 del _op, _fn
 
 
-def _check_loaded(obj: Any, source: str) -> None:
-    """Walk the loaded data iteratively: only data types, no cycles, at most MAX_NESTING deep / MAX_TREE_NODES big."""
+def _check_loaded(obj: Any, source: str, max_tree_bytes: Optional[int] = None) -> None:
+    """Walk the loaded data iteratively: only data types, no cycles, at most MAX_NESTING deep / MAX_TREE_NODES big,
+    and at most ``max_tree_bytes`` of tensor data when every reference to a tensor is counted (what consumers
+    that copy each reference, like :func:`record_state_dict`, would allocate)."""
 
     def children(o: Any) -> Any:
         if type(o) in _DICT_TYPES:
@@ -564,7 +566,8 @@ def _check_loaded(obj: Any, source: str) -> None:
         return list(o)
 
     containers = _DICT_TYPES + (list, tuple, set, frozenset, PersistentRecord)
-    done: dict[int, tuple[int, int]] = {}  # id -> (height, tree size)
+    done: dict[int, tuple[int, int, int]] = {}  # id -> (height, tree size, tree tensor bytes)
+    limit = max_tree_bytes if max_tree_bytes is not None else 1 << 62
     on_path: set[int] = set()
     keep: list[Any] = []
     stack: list[tuple[Any, bool]] = [(obj, False)]
@@ -579,16 +582,21 @@ def _check_loaded(obj: Any, source: str) -> None:
             continue
         i = id(o)
         if finished:
-            height, size = 1, 1
+            height, size, nbytes = 1, 1, 0
             for c in children(o):
-                h, s = done.get(id(c), (0, 1)) if type(c) in containers else (0, 1)
-                height, size = max(height, h + 1), size + s
+                if type(c) in containers:
+                    h, s, b = done[id(c)]
+                else:
+                    h, s, b = 0, 1, (c.numel() * c.element_size() if isinstance(c, Tensor) else 0)
+                height, size, nbytes = max(height, h + 1), size + s, nbytes + b
             on_path.discard(i)
+            if nbytes > limit:
+                raise CorruptCheckpointError(f"{source}: its data references more tensor bytes than the file holds (the same tensor reused many times); the file is not a valid StyleGAN2-ADA pickle.")
             if height > MAX_NESTING:
                 raise CorruptCheckpointError(f"{source}: its data is nested more than {MAX_NESTING} levels deep; the file is not a valid StyleGAN2-ADA pickle.")
             if size > MAX_TREE_NODES:
                 raise CorruptCheckpointError(f"{source}: its data holds more than {MAX_TREE_NODES} objects when shared references are followed; the file is not a valid StyleGAN2-ADA pickle.")
-            done[i] = (height, size)
+            done[i] = (height, size, nbytes)
             continue
         if i in done:
             continue
@@ -611,7 +619,7 @@ def load_official_pickle(path: str | os.PathLike, what: str = "StyleGAN2-ADA pic
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             data = RestrictedUnpickler(f, source=str(path), max_tensor_bytes=2 * size + (1 << 20)).load()
-        _check_loaded(data, str(path))
+        _check_loaded(data, str(path), max_tree_bytes=4 * size + (64 << 20))
         return data
     except CorruptCheckpointError:
         raise
