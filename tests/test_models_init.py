@@ -159,3 +159,11 @@ def test_seeded_bn_calibrated_victim_keeps_its_calibration():
     expected = bn_calibrated_classifier("resnet18", 10, image_size=16, seed=3, crops_per_photo=1)
     assert _same(model, expected)
     assert float(model.bn1.running_var.sub(1).abs().max()) > 1e-3  # calibrated, not the fresh 0/1 statistics
+
+
+def test_seeded_torchvision_instance_from_a_class_path():
+    """``class_path: torchvision.models.resnet18`` (built outside lightning_gi) is re-seeded with its own init."""
+    model = torchvision.models.resnet18(num_classes=7)
+    reinitialise(model, 9)
+    torch.manual_seed(9)
+    assert _same(model, torchvision.models.resnet18(num_classes=7))

@@ -8,6 +8,7 @@ the architecture's own initialisation, exactly as ``torch.manual_seed(seed); Mod
 from __future__ import annotations
 
 import inspect
+import numbers
 from typing import Any, Callable, Optional
 
 import torch
@@ -80,6 +81,9 @@ def _builder_of(model: nn.Module) -> tuple[Callable[..., nn.Module], dict[str, A
     recorded = getattr(model, _BUILDER_ATTR, None)
     if recorded is not None:
         return recorded
+    found = _torchvision_builder(model)
+    if found is not None:
+        return found
     cls = type(model)
     try:
         sig = inspect.signature(cls)
@@ -102,6 +106,32 @@ def _builder_of(model: nn.Module) -> tuple[Callable[..., nn.Module], dict[str, A
     return cls, kwargs
 
 
+def _torchvision_builder(model: nn.Module) -> Optional[tuple[Callable[..., nn.Module], dict[str, Any]]]:
+    """A torchvision classification model built elsewhere (e.g. ``class_path: torchvision.models.resnet18``):
+    the builder whose architecture has exactly this model's parameter shapes (compared on the meta device)."""
+    if not type(model).__module__.startswith("torchvision.models"):
+        return None
+    import torchvision
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return None
+    num_classes = linears[-1].out_features
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with torch.random.fork_rng(devices=[]):
+        for name in torchvision.models.list_models(module=torchvision.models):
+            if torchvision.models.get_model_builder(name).__module__ != type(model).__module__:
+                continue  # another family: not built at all
+            try:
+                with torch.device("meta"):
+                    candidate = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+            except Exception:  # noqa: BLE001 - builders with other required arguments are simply not candidates
+                continue
+            if type(candidate) is type(model) and {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == shapes:
+                return torchvision_classifier, {"name": name, "num_classes": num_classes, "weights_path": None, "in_channels": 3}
+    return None
+
+
 def seeded_build(builder: Callable[..., nn.Module], seed: int, /, **kwargs: Any) -> nn.Module:
     """``torch.manual_seed(seed); builder(**kwargs)`` on a forked CPU RNG: the global stream is untouched."""
     with torch.random.fork_rng(devices=[]):
@@ -120,8 +150,9 @@ def reinitialise(model: nn.Module, seed: int) -> nn.Module:
     A recorded ``weights_path`` is dropped (a seed means untrained); a builder with a ``seed_argument``
     attribute gets the seed through that argument instead.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"model seed must be an int, got {seed!r}")
+    seed = int(seed)
     builder, kwargs = _builder_of(model)
     kwargs = dict(kwargs)
     if "weights_path" in kwargs:
