@@ -208,9 +208,9 @@ def _check_numpy_dtype(dt: Any, source: str) -> None:
         raise UnsafeCheckpointError(f"{source}: numpy dtype {str(dt)[:40]!r} is refused (builtin numeric types only)")
 
 
-def _codecs_encode(text: Any, encoding: str = "utf-8") -> bytes:
+def _codecs_encode(text: Any, encoding: Any = "utf-8", source: str = "<pickle>") -> bytes:
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
-        raise UnsafeCheckpointError("unexpected _codecs.encode record")
+        raise UnsafeCheckpointError(f"{source}: unexpected _codecs.encode record (only text to latin1/utf-8 bytes is accepted)")
     return text.encode(encoding)
 
 
@@ -285,7 +285,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             "storage": (self._load_storage, False),
             "dtype": (self._numpy_dtype, False),
             "scalar": (self._numpy_scalar, False),
-            "encode": (lambda *a: _codecs_encode(*a), False),
+            "encode": (lambda text, encoding="utf-8": _codecs_encode(text, encoding, self._source), False),
             "set": (lambda *a: set(self._items(a, "set")), False),
             "frozenset": (lambda *a: self._track(frozenset(self._items(a, "frozenset"))), False),
         }
