@@ -27,13 +27,20 @@ def victim_data(n: int = 2) -> TensorBatchVictim:
 
 
 class RecordingDistance:
-    """The attack's distance, recording what the callbacks handed it and checking the mask is shared."""
+    """The attack's distance, recording what the callbacks handed it and checking the mask is shared.
+
+    Only the optimised evaluations are recorded (grad enabled); the attack also scores iterates with the same
+    distance, unweighted and unmasked, under no_grad (those calls go to :attr:`scoring_calls`)."""
 
     def __init__(self) -> None:
         self.calls = []
+        self.scoring_calls = []
 
     def __call__(self, dummy, target, weights=None, masks=None):
         value = cosine_distance(dummy, target, weights, masks)
+        if not torch.is_grad_enabled():
+            self.scoring_calls.append((weights, masks))
+            return value
         if masks is not None:  # the same mask on both gradients: equals the cosine of the masked pair
             md = [g if m is None else g * m for g, m in zip(dummy, masks)]
             mt = [g if m is None else g * m for g, m in zip(target, masks)]
@@ -123,6 +130,46 @@ def test_gradient_dropout_rate_fresh_masks_and_sharing(lean_trainer_kwargs):
     assert not torch.equal(rec.masks[0][4], rec.masks[1][4])
     # the distance received exactly those masks
     assert all(c[1] is m for c, m in zip(dist.calls, rec.masks))
+
+
+def unmasked_distance(attack, images):
+    """Cosine distance over every tensor, no mask, of ``images`` (input space), computed from scratch."""
+    model = attack.victim
+    loss = nn.functional.cross_entropy(model(images), attack.labels)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return float(cosine_distance(list(grads), [t.detach() for t in attack.observation.gradients]))
+
+
+@pytest.mark.parametrize("with_stepwise", [False, True])
+def test_best_iterate_and_reported_distance_ignore_masks_and_weights(lean_trainer_kwargs, with_stepwise):
+    """Issue 11.3: under dropout until the last step (and a stepwise schedule), the kept iterate is the one with
+    the lowest UNMASKED all-tensor distance among every iterate (the final one included) since the last stage
+    change, and the reported matching distance is that distance of the returned images."""
+
+    class Iterates(pl.Callback):
+        def __init__(self):
+            self.images = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step in sched_changes:
+                self.images.clear()  # the tracking restarts at a stage change
+            self.images.append(pl_module.dummy_images.detach()[0].clone())
+
+    sched_changes = {4} if with_stepwise else set()
+    sched = [StepwiseGradientSchedule(start=9, stop=3, decrement=6, every=4)] if with_stepwise else []
+    drop = GradientDropout(p=0.5, seed=0)
+    probe = Iterates()
+    attack = ImagePriorAttack(priors=[], boxed=True, init="rand")
+    fit(attack, [*sched, drop, probe], 9, lean_trainer_kwargs)
+    assert attack.gradient_masks is None
+    probe.images.append(attack.dummy_images.detach()[0].clone())  # the final iterate
+    scores = [unmasked_distance(attack, x) for x in probe.images]
+    best = min(range(len(scores)), key=scores.__getitem__)
+    rec = attack.reconstruction()
+    assert rec["matching_distance"] == pytest.approx(scores[best], rel=1e-5, abs=1e-8)
+    assert torch.allclose(rec["images"], attack.inputs.to_image_space(probe.images[best]).clamp(0, 1), atol=1e-6)
+    returned = unmasked_distance(attack, attack.inputs.to_input_space(rec["images"]))
+    assert rec["matching_distance"] == pytest.approx(returned, rel=1e-4, abs=1e-7)
 
 
 def test_gradient_dropout_rate_on_a_large_tensor(lean_trainer_kwargs):

@@ -8,15 +8,20 @@ and the optimiser (``configure_optimizers``) updates only the unknowns. The vict
 module tree (it is not a parameter of the attack and is never saved in attack checkpoints); its parameters
 require grad only so that ``autograd.grad`` can differentiate with respect to them. ``backward`` is
 overridden to differentiate with respect to the unknowns only, which spares the second-order gradient of
-the frozen victim (1.3x on ResNet-18, see LIGHTNING_FACTS.md).
+the frozen victim (1.3x on ResNet-18, see docs/performance_notes.md).
 
 The best iterate (lowest matching distance seen) is tracked on device without a host sync and is what
-:meth:`reconstruction` returns.
+:meth:`reconstruction` returns. Schedules (:mod:`lightning_gi.callbacks.schedules`) may weight or mask the
+gradient tensors of the *optimised* distance; the best iterate is always scored, and the reported
+``matching_distance`` always computed, by :meth:`scoring_distance`: the attack's distance over every tensor
+(no schedule weights) without dropout masks, so that every step (and the final iterate) is compared like with
+like and the reported number is the plain distance of the returned reconstruction.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -205,7 +210,28 @@ class GradientInversionAttack(pl.LightningModule):
         return self.shard.reduce_gradients(grads, float(self.batch_size) if self.loss_reduction == "mean" else 1.0)
 
     def matching_distance(self, dummy_gradients: Sequence[Tensor]) -> Tensor:
+        """The distance that is optimised: with the schedules' current ``gradient_weights`` and ``gradient_masks``."""
         return self.distance(dummy_gradients, self._target_gradients, self.gradient_weights, self.gradient_masks)
+
+    @property
+    def scheduled(self) -> bool:
+        """True when a schedule currently weights or masks the gradient tensors of the optimised distance."""
+        return self.gradient_weights is not None or self.gradient_masks is not None
+
+    def scoring_distance(self, dummy_gradients: Sequence[Tensor]) -> Tensor:
+        """The distance that scores iterates and is reported: every tensor, no schedule weights, no masks (detached)."""
+        with torch.no_grad():
+            return self.distance([g.detach() for g in dummy_gradients], self._target_gradients, None, None)
+
+    @contextmanager
+    def unscheduled(self) -> Iterator[None]:
+        """Within the block :meth:`matching_distance` ignores the schedules (restored afterwards)."""
+        saved = (self.gradient_weights, self.gradient_masks)
+        self.gradient_weights, self.gradient_masks = None, None
+        try:
+            yield
+        finally:
+            self.gradient_weights, self.gradient_masks = saved
 
     def prior_terms(self, images: Tensor) -> dict[str, Tensor]:
         """Weighted prior values by name (priors with weight 0 are skipped, so schedules cost nothing)."""
@@ -223,14 +249,19 @@ class GradientInversionAttack(pl.LightningModule):
         return self.shard.evaluate_prior(prior, images, self.batch_size)
 
     def batch_objective(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], list[Tensor]]:
-        """(loss, matching distance, prior terms, victim gradients) of one dummy batch: the matching
-        distance plus the weighted priors, evaluated right after this batch's victim forward."""
+        """(loss, matching distance, prior terms, victim gradients) of one dummy batch: the loss is the optimised
+        (scheduled) distance plus the weighted priors, evaluated right after this batch's victim forward; the
+        returned matching distance is the one that scores iterates (:meth:`scoring_distance`, detached) when a
+        schedule is active, else the optimised distance itself (the same number, no extra cost)."""
         grads = self.victim_gradients(images, targets)
+        scheduled = self.scheduled
         distance = self.matching_distance(grads)
         terms = self.prior_terms(images)
         loss = distance
         for value in terms.values():
             loss = loss + value
+        if scheduled:
+            distance = self.scoring_distance(grads)
         return loss, distance, terms, grads
 
     def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
@@ -285,17 +316,19 @@ class GradientInversionAttack(pl.LightningModule):
             setattr(self, f"best_{name}", torch.where(better, value.detach(), buf))
 
     def evaluate_final_iterate(self) -> None:
-        """The optimiser's last step is never evaluated inside training_step: score it once."""
+        """The optimiser's last step is never evaluated inside training_step: score it once (scoring distance)."""
         with torch.inference_mode(False), torch.enable_grad():
             images, targets = self.dummy_batch()
             grads = self.victim_gradients(images, targets)
-            distance = self.matching_distance([g.detach() for g in grads]).detach()
+            distance = self.scoring_distance(grads)
         self.update_best(distance, images.detach())
 
     def on_train_epoch_end(self) -> None:
         """Score the last iterate when the loop stops (max_steps ends the one endless epoch), before the
-        callbacks' ``on_train_end`` writes the reconstruction."""
-        self.evaluate_final_iterate()
+        callbacks' ``on_train_end`` writes the reconstruction. The schedules' weights and masks are set aside
+        meanwhile, so even a subclass that scores with :meth:`matching_distance` scores like the run did."""
+        with self.unscheduled():
+            self.evaluate_final_iterate()
 
     def best_labels(self) -> Tensor:
         return self.labels

@@ -36,7 +36,8 @@ schedule is shared, which is the same schedule each would have had alone.
 * Seeds: restart r's images are the r-th draw from ``torch.Generator().manual_seed(seed)``, so restart 0
   equals the single-restart run with the same seed and the whole run is reproducible from ``seed``.
 * Best iterate: tracked per restart on device (``restart_best_loss[R]``, ``restart_best_images[R, N, ...]``),
-  by the matching distance (not the priors), as in the base class; ``best_loss`` / ``best_images`` keep the
+  by the scoring distance (not the priors; every tensor, no schedule weights or dropout masks), as in the base
+  class; ``best_loss`` / ``best_images`` keep the
   base class's meaning (the leading restart's kept iterate) for callbacks.
 * Winner: the restart whose kept iterate has the lowest matching distance (Geiping et al.: "the restart
   with the lowest matching loss"); :meth:`reconstruction` returns it, with all restarts' losses
@@ -252,7 +253,7 @@ class ImagePriorAttack(GradientInversionAttack):
             distances = []
             for r in range(self.restarts):
                 grads = self.victim_gradients(self.dummy_images[r], self.labels)
-                distances.append(self.matching_distance([g.detach() for g in grads]).detach())
+                distances.append(self.scoring_distance(grads))
         self.update_best(torch.stack(distances), self.dummy_images.detach())
 
     @torch.no_grad()

@@ -8,7 +8,8 @@ optimisation (:class:`~lightning_gi.attacks.image_prior.ImagePriorAttack`) with
   (:class:`~lightning_gi.callbacks.StepwiseGradientSchedule`), with a fresh dropout mask every step
   (:class:`~lightning_gi.callbacks.GradientDropout`, p = 0.3);
 * priors switched on late (:class:`~lightning_gi.callbacks.PriorSchedule`: TV at 3,000 with 5e-3, BN
-  statistics at 5,000 with 1e-4);
+  statistics at 5,000 with 1e-4, the first BN layer's term x1.3 and the second's x3 as in the authors'
+  ``our_res34_pretrained.yaml``);
 * Adam (lr 0.1) fed the authors' *quantised sign* of the gradient (:func:`quantized_sign`), the images
   truncated to the valid range after each step, step LR decay (gamma 0.33 at 37.5/62.5/87.5 % of the run);
 * one restart, eval-mode victim (BN running statistics).
@@ -19,7 +20,8 @@ callbacks for a given budget.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, Literal, Optional
 
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
@@ -30,10 +32,14 @@ from ..objectives.distances import CosineDistance
 from ..objectives.priors import BNStatisticsPrior, TotalVariation
 from .image_prior import DistanceFn, ImagePriorAttack, _default_adam
 
-__all__ = ["StepwiseInversion", "quantized_sign", "paper_callbacks", "STEPWISE_MILESTONES", "UPDATE_RULES"]
+__all__ = ["StepwiseInversion", "quantized_sign", "paper_callbacks", "STEPWISE_MILESTONES", "UPDATE_RULES", "RETURN_ITERATES"]
 
 STEPWISE_MILESTONES = (0.375, 0.625, 0.875)
 UPDATE_RULES = ("quantized_sign", "sign", "none")
+RETURN_ITERATES = ("best", "last")
+# authors' BN prior layer weights (MiLab-HITSZ/2023YeHFGradInv, our_res34_pretrained.yaml: deep_inversion)
+AUTHORS_FIRST_BN_MULTIPLIER = 1.3
+AUTHORS_SECOND_BN_MULTIPLIER = 3.0
 
 
 def quantized_sign(grad: Tensor, per_first_dim: bool = False) -> Tensor:
@@ -65,7 +71,8 @@ class StepwiseInversion(ImagePriorAttack):
             statistics computed on the victim from bundled photographs at the victim's image size and
             normalisation (pass one with ``stats_path`` to reuse a statistics file).
         distance: global cosine distance (:class:`CosineDistance`).
-        priors: None means ``[TotalVariation(5e-3), BNStatisticsPrior(1e-4, first_bn_multiplier=1)]``;
+        priors: None means ``[TotalVariation(5e-3), BNStatisticsPrior(1e-4, first_bn_multiplier=1.3,
+            second_bn_multiplier=3)]`` (authors' layer weights);
             without a :class:`PriorSchedule` they are on from the first step (the "+ priors" ablation row).
             ``[]`` for none.
         update_rule: "quantized_sign" (authors' code), "sign" (the paper's Eq. 12) or "none" (raw gradient).
@@ -73,10 +80,14 @@ class StepwiseInversion(ImagePriorAttack):
             first ``warmup_steps`` optimiser steps (authors: x2 for 100 steps).
         boxed: truncate the images to the valid range after each step.
         restarts, init, seed: as :class:`ImagePriorAttack` (authors: one restart, randn).
-
-    Best iterate: the distance used to pick it is the matching distance over the currently matched
-    tensors WITHOUT the dropout mask (a masked distance is a noisy estimate); the stepwise schedule restarts
-    the tracking whenever the matched set changes, so the output is the best iterate of the final stage.
+        return_iterate: which iterate is returned. "best" (default): the lowest *scoring* distance (the cosine
+            distance over every gradient tensor, no stepwise weights, no dropout mask; see
+            :meth:`~lightning_gi.attacks.base.GradientInversionAttack.scoring_distance`) since the last
+            restart of the tracking; the stepwise schedule restarts it whenever the matched set changes, so
+            this is the best iterate of the final stage. "last": the final iterate (the authors' code keeps a
+            best that it resets every 500 steps, the last window included, so it returns the last iterate in
+            effect); a non-finite iterate never replaces the kept one. Either way the reported
+            ``matching_distance`` is the scoring distance of the returned images.
     """
 
     def __init__(
@@ -95,7 +106,10 @@ class StepwiseInversion(ImagePriorAttack):
         restarts: int = 1,
         init: str = "randn",
         seed: int = 0,
+        return_iterate: Literal["best", "last"] = "best",
     ) -> None:
+        if return_iterate not in RETURN_ITERATES:
+            raise ValueError(f"return_iterate must be one of {RETURN_ITERATES}, got {return_iterate!r}")
         if update_rule not in UPDATE_RULES:
             raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got {update_rule!r}")
         if warmup_steps < 0 or warmup_factor <= 0:
@@ -103,7 +117,14 @@ class StepwiseInversion(ImagePriorAttack):
         if lr_scheduler is not None:
             milestone_fractions = None
         if priors is None:
-            priors = [TotalVariation(weight=5e-3), BNStatisticsPrior(weight=1e-4, first_bn_multiplier=1.0)]
+            priors = [
+                TotalVariation(weight=5e-3),
+                BNStatisticsPrior(
+                    weight=1e-4,
+                    first_bn_multiplier=AUTHORS_FIRST_BN_MULTIPLIER,
+                    second_bn_multiplier=AUTHORS_SECOND_BN_MULTIPLIER,
+                ),
+            ]
         super().__init__(
             optimizer,
             lr_scheduler,
@@ -122,6 +143,7 @@ class StepwiseInversion(ImagePriorAttack):
         self.update_rule = update_rule
         self.warmup_steps = int(warmup_steps)
         self.warmup_factor = float(warmup_factor)
+        self.return_iterate = return_iterate
 
     # ------------------------------------------------------------------ labels (Stage I by default)
     def recover_labels(self) -> Optional[Tensor]:
@@ -135,14 +157,13 @@ class StepwiseInversion(ImagePriorAttack):
             self._default_labels = False
         return super().recover_labels()
 
-    # ------------------------------------------------------------------ objective: unmasked tracking
-    def restart_objective(self, images: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        loss, distance, terms, grads = self.batch_objective(images, self.labels)
-        tracked = distance
-        if self.gradient_masks is not None:
-            with torch.no_grad():
-                tracked = self.distance([g.detach() for g in grads], self._target_gradients, self.gradient_weights, None)
-        return loss, tracked, terms
+    # ------------------------------------------------------------------ returned iterate
+    def update_best(self, distance: Tensor, images: Tensor) -> None:
+        """"best": the base rule (lowest scoring distance). "last": every finite iterate replaces the kept one."""
+        if self.return_iterate == "last":
+            finite = torch.isfinite(distance)
+            self.restart_best_loss = torch.where(finite, torch.full_like(self.restart_best_loss, math.inf), self.restart_best_loss)
+        super().update_best(distance, images)
 
     # ------------------------------------------------------------------ update rule
     def transform_gradient(self, grad: Tensor, step: int) -> Tensor:

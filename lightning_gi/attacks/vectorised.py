@@ -104,8 +104,12 @@ class VectorisedRestartsMixin:
 
     def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         images = self.dummy_images  # type: ignore[attr-defined]
-        distances = self.restart_distances(self.stacked_victim_gradients(images))
+        grads = self.stacked_victim_gradients(images)
+        distances = self.restart_distances(grads)
         total = distances.sum()
+        if self.scheduled:  # type: ignore[attr-defined]  # score iterates unmasked, all tensors (base class docs)
+            with torch.no_grad(), self.unscheduled():  # type: ignore[attr-defined]
+                distances = self.restart_distances([g.detach() for g in grads])
         terms_sum: dict[str, Tensor] = {}
         for r in range(images.shape[0]):
             for name, value in self.prior_terms(images[r]).items():  # type: ignore[attr-defined]

@@ -10,6 +10,11 @@ Trainer, with optimiser step ``trainer.global_step`` = 0, 1, ...):
   by it (dot product and both norms for cosine). :class:`GradientDropout` draws fresh masks every step.
 * the priors' ``weight`` (``pl_module.priors``): :class:`PriorSchedule` switches them on at given steps.
 
+Weights and masks shape only the distance that is *optimised*. The attack scores iterates (best-iterate
+tracking, the final iterate) and reports ``matching_distance`` with its scoring distance: every tensor, no
+weights, no masks (:meth:`~lightning_gi.attacks.base.GradientInversionAttack.scoring_distance`), so scores
+of steps with different masks or matched sets are comparable and the output does not depend on the schedule.
+
 Callback order: put :class:`StepwiseGradientSchedule` before :class:`GradientDropout` in the callbacks
 list (dropout then draws masks only for the tensors matched at this step); in the other order dropout
 draws masks for every tensor, which is equally correct but costs more random numbers.
@@ -48,7 +53,7 @@ def stepwise_start_index(step: int, start: int, stop: int, decrement: int, every
 
 
 def _reset_best(pl_module: pl.LightningModule) -> None:
-    """The objective changed: distances before and after are not comparable, so restart best tracking."""
+    """The objective changed: restart best tracking, so the returned iterate comes from the current stage."""
     for name in ("best_loss", "restart_best_loss"):  # restart_best_loss: ImagePriorAttack's per-restart copy
         best = getattr(pl_module, name, None)
         if isinstance(best, Tensor):
@@ -70,9 +75,11 @@ class StepwiseGradientSchedule(pl.Callback):
       "layer2"]``); stage ``k = t // every`` matches every tensor whose name starts with one of the first
       ``k + 1`` prefixes (and no other). ``start``/``stop``/``decrement``/``unit`` are then ignored.
 
-    Each time the matched set changes, the attack's best-iterate tracking restarts (``best_loss`` = inf):
-    distances over different tensor sets are not comparable.  ``trainer.global_step`` at the switch is
-    recorded in :attr:`history` as ``(step, matched indices)``.
+    Each time the matched set changes, the attack's best-iterate tracking restarts (``best_loss`` = inf), so
+    the returned iterate comes from the final stage, the one the recipe means to end on (the scores themselves
+    are comparable across stages: they use every tensor, unmasked; ``reset_best=False`` keeps the best over
+    the whole run).  ``trainer.global_step`` at the switch is recorded in :attr:`history` as
+    ``(step, matched indices)``.
     """
 
     def __init__(
@@ -202,7 +209,9 @@ class GradientDropout(pl.Callback):
         self.last_masks = masks
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.gradient_masks = None  # the final evaluation and outputs use unmasked gradients
+        # the final evaluation and the outputs never read the masks (the attack's scoring distance); this
+        # only leaves no stale masks for code that calls ``matching_distance`` after fit
+        pl_module.gradient_masks = None
         self._generator = None
 
 

@@ -140,8 +140,9 @@ class BNStatisticsPrior(nn.Module):
 
         sum_l  c_l * ( ||mu_l - running_mean_l||_2 + ||var_l - running_var_l||_2 )
 
-    from the most recent victim forward, with ``c_l = first_bn_multiplier`` for the first BN layer and
-    1 for the others.  ``x`` itself is not used (it is part of the prior contract).
+    from the most recent victim forward, with ``c_l = first_bn_multiplier`` for the first BN layer,
+    ``second_bn_multiplier`` for the second and 1 for the others (Ye et al. 2024, authors' code: 1.3 and 3).
+    ``x`` itself is not used (it is part of the prior contract).
 
     For multi-process use, :meth:`layer_statistics` is the single place the recorded statistics are
     read from; a distributed wrapper can override it to all-reduce them (:meth:`layer_counts` gives the
@@ -150,12 +151,14 @@ class BNStatisticsPrior(nn.Module):
     Args:
         weight: multiplier the attack applies (not used in ``forward``).
         first_bn_multiplier: factor on the first BN layer's term.
+        second_bn_multiplier: factor on the second BN layer's term.
     """
 
-    def __init__(self, weight: float = 0.1, first_bn_multiplier: float = 10.0) -> None:
+    def __init__(self, weight: float = 0.1, first_bn_multiplier: float = 10.0, second_bn_multiplier: float = 1.0) -> None:
         super().__init__()
         self.weight = float(weight)
         self.first_bn_multiplier = float(first_bn_multiplier)
+        self.second_bn_multiplier = float(second_bn_multiplier)
         # plain lists: the victim's BN modules must not become submodules/parameters of the prior
         self._bn_layers: List[nn.Module] = []
         self._handles: list = []
@@ -241,11 +244,14 @@ class BNStatisticsPrior(nn.Module):
             term = torch.linalg.vector_norm(mean - rm) + torch.linalg.vector_norm(var - rv)
             if i == 0:
                 term = self.first_bn_multiplier * term
+            elif i == 1:
+                term = self.second_bn_multiplier * term
             total = term if total is None else total + term
         return total
 
     def extra_repr(self) -> str:
         return (
             f"weight={self.weight}, first_bn_multiplier={self.first_bn_multiplier}, "
+            f"second_bn_multiplier={self.second_bn_multiplier}, "
             f"attached_layers={len(self._bn_layers)}"
         )
