@@ -151,7 +151,7 @@ def part_giml(args: argparse.Namespace) -> dict[str, Any]:
             evals[m][variant] = _mean(rows)
         print("meta-step", m, evals[m], flush=True)
     return {
-        "settings": {"giml_loop": args.giml_loop, "tasks": loop, "meta_steps": args.meta_steps, "meta_lr": args.meta_lr, "inner_latent_steps": args.inner, "inner_adapt_steps": args.inner, "eval_tasks": args.eval_tasks, "eval_gias_steps": args.eval_steps, "victim": "sigmoid LeNet (random per task, 14 classes), 32x32", "generator": "DCGAN 32x32 z64 ngf32, untrained at meta-step 0"},
+        "settings": {"giml_loop": args.giml_loop, "tasks": loop, "meta_steps": args.meta_steps, "meta_lr": args.meta_lr, "inner_latent_steps": args.inner, "inner_adapt_steps": args.inner, "eval_tasks": args.eval_tasks, "eval_gias_steps": args.eval_steps, "victim": ("training tasks: one sigmoid LeNet, SGD step (lr 1e-4) every 50 tasks" if args.giml_loop == "authors" else "training tasks: a random sigmoid LeNet per task") + "; held-out tasks: a random sigmoid LeNet per task; 14 classes, 32x32", "generator": "DCGAN 32x32 z64 ngf32, untrained at meta-step 0"},
         "meta_train_seconds": meta_s,
         "gias_quality_by_meta_step": {str(k): v for k, v in evals.items()},
         "inner_history_tail": giml.history[-3:],
