@@ -74,7 +74,7 @@ def main() -> None:
     from lightning_gi.victim.data import BundledPhotographs, select_batch
 
     photos = BundledPhotographs(image_size=args.size, crops_per_photo=16)
-    train_photos = BundledPhotographs(image_size=args.size, crops_per_photo=16, seed=3)
+    train_photos = BundledPhotographs(image_size=args.size, crops_per_photo=16, seed=3, pool="public")  # disjoint from the attacked photographs
     m = torch.tensor(MEAN).view(-1, 1, 1)
     s = torch.tensor(STD).view(-1, 1, 1)
     out: dict = {"args": vars(args), "cases": [f"{n} images / {k} classes" for n, k in CASES], "models": {}}
