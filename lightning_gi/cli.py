@@ -371,9 +371,6 @@ def _cli_class() -> type:
                             f"--ckpt_path {os.path.join(log_dir, 'checkpoints', 'last.ckpt')}"
                         )
 
-            if trainer.strategy.launcher is None and self.datamodule is not None:
-                # every input (observation, ground truth, labels vs classes) is checked before step 0
-                self.datamodule.setup("fit")
 
         def after_fit(self) -> None:
             log_dir = self.trainer.log_dir  # a collective (broadcast) under multi-process strategies: every rank asks

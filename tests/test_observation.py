@@ -149,3 +149,90 @@ def test_capture_rejects_inconsistent_batches():
         capture_observation(model, torch.rand(2, 3, 16, 16), torch.tensor([1, 2, 3]))
     with pytest.raises(ObservationError, match="images must be"):
         capture_observation(model, torch.rand(3, 16, 16), torch.tensor([1]))
+
+
+# ------------------------------------------------------------------ issue 16.13: hostile files
+HOSTILE_CASES = [
+    ("sparse", lambda m: _obs_dict(m, gradients=[torch.zeros_like(p).to_sparse() if i == 0 else torch.zeros_like(p)
+                                               for i, p in enumerate(m.parameters())]), r"gradients\[0\] is a torch.sparse_coo tensor"),
+    ("meta", lambda m: _obs_dict(m, gradients=[torch.empty(p.shape, device="meta") if i == 1 else torch.zeros_like(p)
+                                             for i, p in enumerate(m.parameters())]), r"gradients\[1\] is a meta tensor"),
+    ("huge batch", lambda m: _obs_dict(m, batch_size=10**6), r"'batch_size' is 1000000, above the supported maximum"),
+    ("duplicate names", lambda m: _obs_dict(m, param_names=["a"] * 8), r"'param_names' lists \['a'\] more than once"),
+    ("nested metadata", lambda m: _obs_dict(m, metadata={"x": [1, 2]}), r"'metadata' entry 'x'"),
+]
+
+
+@pytest.mark.parametrize("name,make,message", HOSTILE_CASES, ids=[c[0] for c in HOSTILE_CASES])
+def test_hostile_observations_fail_in_one_sentence(tmp_path, name, make, message):
+    torch.manual_seed(0)
+    model = LeNet(num_classes=10, image_size=16)
+    torch.save(make(model), tmp_path / "bad.pt")
+    with pytest.raises(ObservationError, match=message) as info:
+        GradientObservation.load(tmp_path / "bad.pt")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", r"is empty \(0 bytes\): not a torch.save file"),
+    (b"gradients = [1, 2]\n", r"is not a torch.save file"),
+    (b"\x1f\x8b\x08\x00" + b"\x00" * 40, r"is gzip-compressed"),
+])
+def test_files_that_are_not_torch_save_files_say_so(tmp_path, content, message):
+    (tmp_path / "x.pt").write_bytes(content)
+    with pytest.raises(ObservationError, match=message):
+        GradientObservation.load(tmp_path / "x.pt")
+
+
+def test_truncated_file_says_truncated(tmp_path):
+    model = LeNet(num_classes=10, image_size=16)
+    capture_observation(model, torch.rand(1, 3, 16, 16), torch.tensor([1])).save(tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    for cut in (len(data) // 3, len(data) - 30):
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        with pytest.raises(ObservationError, match=r"truncated or corrupt"):
+            GradientObservation.load(tmp_path / "cut.pt")
+
+
+def test_tuple_param_names_and_swapped_tensors(tmp_path):
+    torch.manual_seed(0)
+    model = LeNet(num_classes=10, image_size=16)
+    obs = capture_observation(model, torch.rand(1, 3, 16, 16), torch.tensor([1]))
+    d = obs.to_dict()
+    as_tuple = GradientObservation.from_dict(dict(d, param_names=tuple(d["param_names"])))
+    as_tuple.check_against(model, 10)  # a tuple of names is fine (was a bare StopIteration)
+    g, names = list(d["gradients"]), list(d["param_names"])
+    assert g[2].shape == g[4].shape
+    g[2], g[4] = g[4], g[2]
+    names[2], names[4] = names[4], names[2]
+    swapped = GradientObservation.from_dict(dict(d, gradients=g, param_names=names))
+    with pytest.raises(ObservationError, match=r"different order.*body.4.weight, body.2.weight are out of place"):
+        swapped.check_against(model, 10)
+
+
+def test_ground_truth_is_validated_before_the_attack(tmp_path):
+    """3 labels for 1 image, a 0..255 image, a wrong size: refused at setup (before step 0)."""
+    from lightning_gi.observation import load_ground_truth
+
+    torch.manual_seed(0)
+    model = LeNet(num_classes=10, image_size=16)
+    image = torch.rand(1, 3, 16, 16)
+    capture_observation(model, image, torch.tensor([1])).save(tmp_path / "obs.pt")
+    cases = [
+        ({"images": image, "labels": torch.tensor([1, 2, 3])}, r"3 labels for 1 image"),
+        ({"images": image * 255}, r"in \[0,1\]"),
+        ({"images": torch.rand(1, 3, 8, 8)}, r"'images' has shape \(1, 3, 8, 8\), expected \[1,3,16,16\]"),
+        ({"images": image, "labels": torch.tensor([10])}, r"labels \[10\] outside \[0, 10\)"),
+        ([image], r"must hold a dict"),
+    ]
+    for i, (content, message) in enumerate(cases):
+        torch.save(content, tmp_path / f"gt{i}.pt")
+        with pytest.raises(ObservationError, match=message):
+            load_ground_truth(tmp_path / f"gt{i}.pt", (3, 16, 16), batch_size=1, num_classes=10)
+        dm = ObservationFileVictim(model=LeNet(num_classes=10, image_size=16), observation_path=str(tmp_path / "obs.pt"),
+                                   ground_truth_path=str(tmp_path / f"gt{i}.pt"), image_shape=(3, 16, 16))
+        with pytest.raises(ObservationError, match=message):
+            dm.setup("fit")
+    torch.save({"images": image, "labels": torch.tensor([1])}, tmp_path / "good.pt")
+    images, labels = load_ground_truth(tmp_path / "good.pt", (3, 16, 16), batch_size=1, num_classes=10)
+    assert torch.equal(images, image) and labels.tolist() == [1]
