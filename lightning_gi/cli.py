@@ -100,6 +100,8 @@ def configure_output() -> None:
     """One stream for results: Lightning's info lines (the end-of-run summary included) go to stdout
     with the ``log_dir:`` line, minus hardware probes and tips; warnings and errors stay on stderr."""
     quiet_known_warnings()
+    import pytorch_lightning  # noqa: F401  (its import adds the stderr handler that is replaced here)
+
     for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _QuietLogLines) for f in logger.filters):

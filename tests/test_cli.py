@@ -195,4 +195,6 @@ def test_console_script_exits_zero(tmp_path):
     both = proc.stdout + proc.stderr
     for noise in ("GPU available", "TPU available", "Tip:", "litlogger", "litmodels", "in eval mode"):
         assert noise not in both, both[-3000:]
+    repeated = {line for line in proc.stdout.splitlines() if line.strip()} & set(proc.stderr.splitlines())
+    assert not repeated, repeated  # the end-of-run summary is printed once, on stdout with the log_dir line
     assert (tmp_path / "idlg_lenet" / "version_0" / "checkpoints" / "last.ckpt").is_file()
