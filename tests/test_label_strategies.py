@@ -51,7 +51,7 @@ def test_bias_counts_and_ilrg_exact_at_batch_64_with_duplicates(photos, reductio
         obs = _observe(model, (x - MEAN) / STD, y, reduction)
         truth = y.sort().values.tolist()
         assert len(set(truth)) == 10 and len(truth) == 64
-        for strategy in (BiasCounts(), ILRG()):
+        for strategy in (BiasCounts(), ILRG(refine_steps=6), ILRG()):
             assert strategy(obs, model).tolist() == truth, type(strategy).__name__
             d = strategy.diagnostics
             assert len(d["implied_counts"]) == 100 and abs(sum(d["implied_counts"]) - 64) < 1e-3
@@ -151,6 +151,7 @@ def test_auto_picks_by_head(photos, caplog):
         auto(capture_observation(biased, x16, y), biased)
     assert auto.chosen_name == "ilrg" and isinstance(auto.chosen, ILRG)
     assert "chose ilrg" in caplog.text and auto.diagnostics["chosen_strategy"] == "ilrg"
+    assert auto.chosen.refine_steps == 6
     assert AutoLabels(with_bias="bias_counts").select(capture_observation(biased, x16, y), biased)[0] == "bias_counts"
 
     plain = _tiny_cnn(False)

@@ -2,7 +2,8 @@
 
 ``AutoLabels`` picks, from what the victim's last layer offers:
 
-1. a bias in the last linear layer -> :class:`~lightning_gi.labels.counting.ILRG` (or
+1. a bias in the last linear layer -> :class:`~lightning_gi.labels.counting.ILRG` with 6 refinement
+   steps (or
    :class:`~lightning_gi.labels.counting.BiasCounts` with ``with_bias="bias_counts"``): counts from the
    bias gradient, exact at large batch while the victim is not converged;
 2. no bias, batch > 1 -> the evolutionary CV search of Ye et al. (:class:`EvolutionaryLabelCounts`);
@@ -41,6 +42,7 @@ class AutoLabels(LabelStrategy):
         image_size, mean, std, stats_path, aux_source: passed to :class:`EvolutionaryLabelCounts` for a
             head without bias (set ``image_size``/``mean``/``std`` to the victim's input geometry).
         seed: seed of the evolutionary search.
+        refine_steps: :class:`ILRG`'s class-mean refinement steps (default 6; 0 = the paper's iLRG).
     """
 
     def __init__(
@@ -52,7 +54,11 @@ class AutoLabels(LabelStrategy):
         stats_path: Optional[str] = None,
         aux_source: str = "photographs",
         seed: int = 0,
+        refine_steps: int = 6,
     ) -> None:
+        if refine_steps < 0:
+            raise ValueError(f"refine_steps must be >= 0, got {refine_steps}")
+        self.refine_steps = int(refine_steps)
         if with_bias not in ("ilrg", "bias_counts"):
             raise ValueError(f"with_bias must be 'ilrg' or 'bias_counts', got {with_bias!r}")
         self.with_bias = with_bias
@@ -67,7 +73,7 @@ class AutoLabels(LabelStrategy):
         weight, bias = classifier_gradients(observation, model)  # raises for a non-linear last layer
         if bias is not None:
             if self.with_bias == "ilrg":
-                return "ilrg", ILRG(), "the last linear layer has a bias"
+                return "ilrg", ILRG(refine_steps=self.refine_steps), "the last linear layer has a bias"
             return "bias_counts", BiasCounts(), "the last linear layer has a bias"
         if observation.batch_size > 1:
             return "evolutionary", self.evolutionary, "no bias in the last linear layer, batch > 1"

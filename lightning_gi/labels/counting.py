@@ -119,6 +119,11 @@ class ILRG(LabelStrategy):
             agree to within that) have an ill-conditioned embedding ``dW_c / g_c``; their ``p_hat_c`` is
             replaced by the mean ``p_hat`` of the well-conditioned classes (the reference code clips the
             ratio's exponent instead). Default 2.
+        refine_steps: extension, not in the paper (default 0: off). Each step re-estimates the class MEAN
+            features ``mu_j`` of the present classes by least squares from
+            ``S * dW = sum_j (p_hat_j - e_j) n_j mu_j^T`` (undoing the mix of members and non-members in
+            ``e_j``), sets ``p_hat_j = softmax(W mu_j + b)`` and solves for the counts again; the iterate
+            whose rounded counts best satisfy their own system (smallest ``system_residual``) is kept.
 
     Diagnostics: ``implied_counts`` (least-squares solution before rounding), ``system_residual``
     (``max_i |sum_j n_j (p_hat_j[i] - delta_ij) - g_i|`` for the rounded counts, in samples),
@@ -126,13 +131,21 @@ class ILRG(LabelStrategy):
     confidence of the victim on its own class: near ``1/C`` untrained, near 1 when it has converged).
     """
 
-    def __init__(self, loss_reduction: Optional[Literal["mean", "sum"]] = None, min_bias_gradient: float = 2.0) -> None:
+    def __init__(
+        self,
+        loss_reduction: Optional[Literal["mean", "sum"]] = None,
+        min_bias_gradient: float = 2.0,
+        refine_steps: int = 0,
+    ) -> None:
         if loss_reduction not in (None, "mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or None, got {loss_reduction!r}")
         if not min_bias_gradient >= 0:
             raise ValueError(f"min_bias_gradient must be >= 0, got {min_bias_gradient}")
+        if refine_steps < 0:
+            raise ValueError(f"refine_steps must be >= 0, got {refine_steps}")
         self.loss_reduction = loss_reduction
         self.min_bias_gradient = float(min_bias_gradient)
+        self.refine_steps = int(refine_steps)
 
     @torch.no_grad()
     def class_probabilities(self, dw: Tensor, g: Tensor, model: nn.Module) -> tuple[Tensor, Tensor]:
@@ -151,18 +164,43 @@ class ILRG(LabelStrategy):
             p_hat[bad] = p_hat[~bad].mean(dim=0)
         return p_hat, bad
 
+    @staticmethod
+    def _solve(p_hat: Tensor, g: Tensor, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(system matrix ``p_hat^T - I``, least-squares counts with the sum row, rounded counts)."""
+        c = g.numel()
+        a = (p_hat.T - torch.eye(c, dtype=torch.float64)).numpy()
+        system = np.vstack([a, np.ones((1, c))])
+        rhs = np.concatenate([g.numpy(), [float(n)]])
+        solution = np.linalg.pinv(system) @ rhs
+        return a, solution, round_counts(solution, n)
+
+    @staticmethod
+    def _residual(a: np.ndarray, counts: np.ndarray, g: Tensor) -> float:
+        return float(np.abs(a @ counts - g.numpy()).max())
+
     def recover(self, observation: GradientObservation, model: nn.Module) -> Tensor:
         dw, db = _bias_gradient(observation, model, "ILRG")
         n = observation.batch_size
         scale = loss_scale(observation, self.loss_reduction)
         g = scale * db
         p_hat, bad = self.class_probabilities(dw * scale, g, model)
-        c = g.numel()
-        a = (p_hat.T - torch.eye(c, dtype=torch.float64)).numpy()
-        system = np.vstack([a, np.ones((1, c))])
-        rhs = np.concatenate([g.numpy(), [float(n)]])
-        solution = np.linalg.pinv(system) @ rhs
-        counts = round_counts(solution, n)
+        a, solution, counts = self._solve(p_hat, g, n)
+        best = (self._residual(a, counts, g), a, solution, counts, p_hat)
+        if self.refine_steps:
+            head = last_linear(model)
+            weight, bias = head.weight.detach().double().cpu(), head.bias.detach().double().cpu()
+            gw = (dw * scale).numpy()
+            for _ in range(self.refine_steps):
+                present = np.flatnonzero(counts > 0)
+                # S * dW = sum_j (p_hat_j - e_j) n_j mu_j^T: least-squares class means mu_j of the present classes
+                mu = np.linalg.lstsq(a[:, present] * counts[present][None, :], gw, rcond=None)[0]
+                p_hat = p_hat.clone()
+                p_hat[present] = torch.softmax(torch.from_numpy(mu) @ weight.T + bias, dim=1)
+                a, solution, counts = self._solve(p_hat, g, n)
+                if self._residual(a, counts, g) < best[0]:
+                    best = (self._residual(a, counts, g), a, solution, counts, p_hat)
+            # the most self-consistent iterate: smallest residual of its own count system
+            _, a, solution, counts, p_hat = best
         self.note(
             implied_counts=[round(float(v), 4) for v in solution],
             system_residual=float(np.abs(a @ counts - g.numpy()).max()),

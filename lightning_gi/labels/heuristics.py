@@ -21,7 +21,7 @@ mean-reduced loss), ``r_c = sum_k G_W[c, k]`` the row sums of the last layer's w
 from __future__ import annotations
 
 import copy
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,17 +33,21 @@ from .base import LabelStrategy, classifier_gradients, last_linear, loss_scale
 __all__ = ["greedy_impact_labels", "LLG", "WainakhLabels", "BiasCorrectedLabels", "YinLabels"]
 
 
-def greedy_impact_labels(scores: Tensor, batch_size: int, impact: Tensor | float) -> Tensor:
+def greedy_impact_labels(
+    scores: Tensor, batch_size: int, impact: Tensor | float, stage_one: Optional[Tensor] = None
+) -> Tensor:
     """Two-stage greedy of LLG: negatives once each, then argmin; every pick adds ``-impact`` to its own score.
 
-    ``impact`` (negative: a sample lowers its class's score) is a scalar or one value per class. When more
-    classes are negative than ``batch_size``, the ``batch_size`` most negative are returned.
+    ``impact`` (negative: a sample lowers its class's score) is a scalar or one value per class.
+    ``stage_one``: the scores whose negative entries name the stage-1 classes (default ``scores``). When
+    more classes are negative than ``batch_size``, the ``batch_size`` most negative are returned.
     """
     s = scores.detach().double().cpu().clone()
+    first = s if stage_one is None else stage_one.detach().double().cpu()
     m = torch.as_tensor(impact, dtype=torch.float64).expand_as(s).clone()
-    negative = torch.nonzero(s < 0).flatten()
+    negative = torch.nonzero(first < 0).flatten()
     if negative.numel() >= batch_size:
-        return negative[torch.argsort(s[negative])[:batch_size]].sort().values
+        return negative[torch.argsort(first[negative])[:batch_size]].sort().values
     labels = negative.tolist()
     s[negative] -= m[negative]
     while len(labels) < batch_size:
@@ -79,7 +83,7 @@ class WainakhLabels(LabelStrategy):
     impact ``m_c`` (the mean of ``(p_c - 1)|h|_1``, row ``c``'s sum of the per-sample gradient); a batch of
     one input of every other class gives the per-sample offset ``o_c`` (mean ``p_c |h|_1``). Then
     ``r_c ~ n_c m_c + (N - n_c) o_c``, so the greedy of :class:`LLG` runs on ``r_c - N o_c`` with impact
-    ``m_c - o_c``. (breaching's ``wainakh-whitebox`` sums ALL rows for ``m``, which is ~0 for softmax
+    ``m_c - o_c`` (stage 1, as in the paper: the classes whose RAW row sum is negative). (breaching's ``wainakh-whitebox`` sums ALL rows for ``m``, which is ~0 for softmax
     cross-entropy; this follows the paper's per-class impact instead.)
 
     Args:
@@ -87,10 +91,17 @@ class WainakhLabels(LabelStrategy):
         dummy_size: dummy inputs per class for the impact.
         dummy: "normal" N(0, 1) or "uniform" U(0, 1) dummy inputs.
         seed: seed of the dummy inputs.
+        cache: measure impact/offset once and reuse them on later calls (only valid while the victim's
+            weights do not change, e.g. many observations of one model state).
     """
 
     def __init__(
-        self, input_shape: Sequence[int], dummy_size: int = 8, dummy: Literal["normal", "uniform"] = "normal", seed: int = 0
+        self,
+        input_shape: Sequence[int],
+        dummy_size: int = 8,
+        dummy: Literal["normal", "uniform"] = "normal",
+        seed: int = 0,
+        cache: bool = False,
     ) -> None:
         if len(input_shape) < 1 or any(int(s) < 1 for s in input_shape):
             raise ValueError(f"input_shape must be positive ints like (3, 32, 32), got {tuple(input_shape)}")
@@ -102,6 +113,8 @@ class WainakhLabels(LabelStrategy):
         self.dummy_size = int(dummy_size)
         self.dummy = dummy
         self.seed = int(seed)
+        self.cache = bool(cache)
+        self._cached: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
     def _row_sum_gradient(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         weight = last_linear(model).weight
@@ -130,9 +143,16 @@ class WainakhLabels(LabelStrategy):
     def recover(self, observation: GradientObservation, model: nn.Module) -> Tensor:
         r = _row_sums(observation, model)
         n, c = observation.batch_size, r.numel()
-        impact, offset = self.impact_and_offset(model, c)
+        key = (id(model), c)
+        if self.cache and key in self._cached:
+            impact, offset = self._cached[key]
+        else:
+            impact, offset = self.impact_and_offset(model, c)
+            if self.cache:
+                self._cached[key] = (impact, offset)
         self.note(impact=[float(v) for v in impact], offset=[float(v) for v in offset])
-        return greedy_impact_labels(r - n * offset, n, impact - offset)
+        # stage 1 on the raw row sums (a negative one is a present class), stage 2 offset-corrected
+        return greedy_impact_labels(r - n * offset, n, impact - offset, stage_one=r)
 
 
 class BiasCorrectedLabels(LabelStrategy):
