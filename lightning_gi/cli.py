@@ -86,8 +86,14 @@ class _StdoutHandler(logging.StreamHandler):
         super().__init__(sys.stdout)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stdout)
+        self.stream = sys.stdout  # not setStream: it would flush the previous (possibly closed) stream
         super().emit(record)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except ValueError:  # a redirected stream that has been closed since
+            pass
 
 
 def quiet_known_warnings() -> None:
@@ -362,7 +368,7 @@ def _cli_class() -> type:
             strategy = trainer.strategy
             if type(strategy.checkpoint_io) is TorchCheckpointIO:
                 strategy.checkpoint_io = AtomicCheckpointIO()
-            if not getattr(self, "_resuming", False) and os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+            if not getattr(self, "_resuming", False) and all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK")):
                 log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
                 if log_dir and os.path.isdir(log_dir):
                     found = sorted(e for e in os.listdir(log_dir) if e in _RUN_OUTPUTS or e.startswith("events.out"))
