@@ -29,7 +29,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..labels import LabelStrategy
-from ..objectives.distances import squared_l2
+from ..objectives.distances import prepare_distance, squared_l2
 from ..observation import GradientObservation, forward_keeping_buffers
 from ..victim.datamodule import AttackInputs
 
@@ -52,6 +52,16 @@ class GradientInversionAttack(pl.LightningModule):
             "rand" (uniform [0,1] image), "half" (grey 0.5 image), "zeros" (zeros in input space).
         seed: seed of the initialisation, independent of the global seed.
         distance: gradient distance ``f(dummy_grads, target_grads, weights, masks) -> scalar``.
+        steps_per_call: optimiser steps per ``training_step`` (default 1). Above 1 the attack switches to
+            manual optimisation and runs that many steps per call, which amortises the Trainer's fixed cost
+            per call (~1-3 ms) for tiny victims; iterates equal those of one step per call. Callbacks that act
+            per batch (schedules, monitors, the divergence guard) then see every ``steps_per_call``-th step,
+            so keep their periods multiples of it. Needs a first-order optimiser (L-BFGS always runs one step
+            per call, under automatic optimisation, exactly like plain PyTorch L-BFGS).
+        compile: evaluate the matching step (victim forward -> autograd.grad(create_graph) -> distance ->
+            priors) through ``torch.compile`` with ``torch._dynamo.config.trace_autograd_ops = True``;
+            schedule weights are passed as tensors so that changing them does not recompile. Off by default
+            (the first step pays a cold compile of tens of seconds to minutes; see docs/performance_notes.md).
     """
 
     def __init__(
@@ -62,10 +72,20 @@ class GradientInversionAttack(pl.LightningModule):
         init: str = "randn",
         seed: int = 0,
         distance: Optional[Callable[..., Any]] = None,
+        steps_per_call: int = 1,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if init not in INIT_CHOICES:
             raise ValueError(f"init must be one of {INIT_CHOICES}, got {init!r}")
+        if int(steps_per_call) != steps_per_call or steps_per_call < 1:
+            raise ValueError(f"steps_per_call must be a positive integer, got {steps_per_call!r}")
+        self.steps_per_call = int(steps_per_call)
+        self.compile = bool(compile)
+        if self.steps_per_call > 1:
+            self.automatic_optimization = False
+        self._prepared: Optional[tuple[Any, ...]] = None  # cached invariants of the optimised distance
+        self._compiled_step: Optional[Callable[..., Any]] = None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.label_strategy = label_strategy
@@ -210,8 +230,24 @@ class GradientInversionAttack(pl.LightningModule):
         return self.shard.reduce_gradients(grads, float(self.batch_size) if self.loss_reduction == "mean" else 1.0)
 
     def matching_distance(self, dummy_gradients: Sequence[Tensor]) -> Tensor:
-        """The distance that is optimised: with the schedules' current ``gradient_weights`` and ``gradient_masks``."""
+        """The distance that is optimised: with the schedules' current ``gradient_weights`` and ``gradient_masks``.
+
+        Distances that can precompute what depends only on the target (:func:`~lightning_gi.objectives.distances.
+        prepare_distance`: masked/flattened targets, target norms, float masks) are prepared once per schedule
+        change (a new weights or masks object, or new target gradients) and reused on every step."""
+        fn = self._prepared_matching()
+        if fn is not None:
+            return fn(dummy_gradients)
         return self.distance(dummy_gradients, self._target_gradients, self.gradient_weights, self.gradient_masks)
+
+    def _prepared_matching(self) -> Optional[Callable[[Sequence[Tensor]], Tensor]]:
+        key = (self.distance, self._target_gradients, self.gradient_weights, self.gradient_masks)
+        cached = self._prepared
+        if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+            return cached[1]
+        fn = prepare_distance(self.distance, self._target_gradients, self.gradient_weights, self.gradient_masks)
+        self._prepared = (key, fn)
+        return fn
 
     @property
     def scheduled(self) -> bool:
@@ -270,25 +306,82 @@ class GradientInversionAttack(pl.LightningModule):
         loss, distance, terms, _ = self.batch_objective(images, targets)
         return loss, distance, images, terms
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
+        if not self.automatic_optimization and self.steps_per_call > 1:
+            return self.multi_step()
+        return self.single_step()
+
+    def single_step(self) -> Tensor:
+        """One evaluation of the objective (automatic optimisation: Lightning runs backward and the step)."""
         loss, distance, images, terms = self.objective()
         self.update_best(distance.detach(), images.detach())
         if self._should_log():
-            self.log("matching_distance", distance.detach(), prog_bar=True)
-            for name, value in terms.items():
-                self.log(f"prior/{name}", value.detach())
+            self.log_step(distance.detach(), terms)
         return loss
 
-    def _should_log(self) -> bool:
+    def log_step(self, distance: Tensor, terms: dict[str, Tensor]) -> None:
+        """What a logger step records (only called on the logger's steps, see :meth:`_should_log`)."""
+        self.log("matching_distance", distance.detach(), prog_bar=True)
+        for name, value in terms.items():
+            self.log(f"prior/{name}", value.detach())
+
+    def steps_this_call(self) -> int:
+        """Optimiser steps the next :meth:`multi_step` runs: ``steps_per_call``, fewer at the end of the budget."""
+        k = self.steps_per_call
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if max_steps is not None and max_steps > 0:
+            k = max(1, min(k, max_steps - self.trainer.global_step))
+        return k
+
+    def multi_step(self) -> Tensor:
+        """``steps_per_call`` optimiser steps in one ``training_step`` (manual optimisation), each exactly the
+        step automatic optimisation would take: zero_grad, objective, best-iterate update (on device),
+        backward w.r.t. the unknowns, the optimiser step (Lightning's hooks, e.g. signed gradients, run inside
+        it), :meth:`after_optimizer_step` (e.g. the box), and the scheduler's per-step update. No host sync."""
+        opt = self.optimizers()
+        if isinstance(getattr(opt, "optimizer", opt), torch.optim.LBFGS):
+            raise ValueError("steps_per_call > 1 needs a first-order optimiser; L-BFGS runs one step per call (steps_per_call: 1)")
+        sched = self.lr_schedulers()
+        k = self.steps_this_call()
+        log = self._should_log(self.steps_per_call)
+        loss = None
+        for i in range(k):
+            opt.zero_grad(set_to_none=True)
+            loss, distance, images, terms = self.objective()
+            self.update_best(distance.detach(), images.detach())
+            if log and i == 0:
+                self.log_step(distance.detach(), terms)
+            self.manual_backward(loss)
+            opt.step()
+            self.after_optimizer_step()
+            if sched is not None:
+                sched.step()
+        return loss.detach()
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimiser step (automatic and manual); e.g. projections of the unknowns."""
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    def _should_log(self, steps: int = 1) -> bool:
         """``self.log`` costs milliseconds per call (Lightning's result collection): call it only on the
-        steps the logger writes (``trainer.log_every_n_steps``), once per step even under L-BFGS."""
+        steps the logger writes (``trainer.log_every_n_steps``), once per step even under L-BFGS. Under
+        ``steps_per_call > 1`` Lightning writes logs per call (batch), so its own per-batch rule decides."""
         if self._trainer is None:
             return False
         step = self.trainer.global_step
-        if step == self._last_logged_step or step % max(1, self.trainer.log_every_n_steps):
+        if step == self._last_logged_step:
             return False
-        self._last_logged_step = step
-        return True
+        if steps > 1:
+            connector = getattr(self.trainer, "_logger_connector", None)
+            write = bool(connector.should_update_logs) if connector is not None else True
+        else:
+            write = step % max(1, self.trainer.log_every_n_steps) == 0
+        if write:
+            self._last_logged_step = step
+        return write
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         """Differentiate only with respect to the unknowns (not the frozen victim's parameters)."""

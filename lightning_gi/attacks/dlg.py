@@ -3,7 +3,8 @@
 DLG optimises the dummy image and dummy label logits jointly (soft-label cross-entropy,
 softmax of the logits); iDLG first reads the label off the last layer's weight gradient and then
 optimises the image only, with the hard-label cross-entropy. Both: L-BFGS (lr 1, 20 inner iterations,
-history 100), 300 steps, dummies drawn from N(0, 1).
+history 100), 300 steps, dummies drawn from N(0, 1). ``steps_per_call`` and ``compile``: see
+:class:`~lightning_gi.attacks.base.GradientInversionAttack` (L-BFGS always runs one step per call).
 """
 from __future__ import annotations
 
@@ -27,8 +28,13 @@ class DLG(GradientInversionAttack):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         init: str = "randn",
         seed: int = 0,
+        steps_per_call: int = 1,
+        compile: bool = False,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler, label_strategy=None, init=init, seed=seed, distance=squared_l2)
+        super().__init__(
+            optimizer, lr_scheduler, label_strategy=None, init=init, seed=seed, distance=squared_l2,
+            steps_per_call=steps_per_call, compile=compile,
+        )
 
     def create_unknowns(self, generator: torch.Generator) -> None:
         super().create_unknowns(generator)
@@ -56,6 +62,8 @@ class IDLG(GradientInversionAttack):
         label_strategy: Optional[LabelStrategy] = None,
         init: str = "randn",
         seed: int = 0,
+        steps_per_call: int = 1,
+        compile: bool = False,
     ) -> None:
         super().__init__(
             optimizer,
@@ -64,4 +72,6 @@ class IDLG(GradientInversionAttack):
             init=init,
             seed=seed,
             distance=squared_l2,
+            steps_per_call=steps_per_call,
+            compile=compile,
         )

@@ -47,7 +47,7 @@ schedule is shared, which is the same schedule each would have had alone.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
@@ -65,6 +65,24 @@ DistanceFn = Callable[..., Any]
 __all__ = ["ImagePriorAttack", "DistanceFn", "milestones_from_fractions", "box_bounds", "INVERTING_GRADIENTS_MILESTONES"]
 
 INVERTING_GRADIENTS_MILESTONES = (3 / 8, 5 / 8, 7 / 8)
+RESTART_MODES = ("auto", "sequential", "vectorised")
+
+
+def vectorisable(model: nn.Module, priors: Sequence[nn.Module]) -> Optional[str]:
+    """None when R restarts of ``model`` with ``priors`` can be vmapped, else the reason they cannot."""
+    from ..objectives.priors import BNStatisticsPrior
+
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+        return "vectorised restarts need the victim in eval mode (BatchNorm in train mode found)"
+    if any(isinstance(p, BNStatisticsPrior) for p in priors):
+        return ("vectorised restarts do not support BNStatisticsPrior (its hooks cannot see one restart at a "
+                "time under vmap): use the sequential ImagePriorAttack / GradInversion")
+    return None
+
+
+def auto_vectorise(device: torch.device, restarts: int, model: nn.Module, priors: Sequence[nn.Module]) -> bool:
+    """The automatic restart mode: vectorised only on CUDA, for R > 1, when the victim and priors allow it."""
+    return torch.device(device).type == "cuda" and restarts > 1 and vectorisable(model, priors) is None
 
 
 def _default_adam(params: Any) -> torch.optim.Optimizer:
@@ -85,6 +103,11 @@ def milestones_from_fractions(fractions: Sequence[float], total_steps: int) -> l
     if out != sorted(out):
         raise ValueError(f"milestone fractions must be increasing, got {list(fractions)}")
     return out
+
+
+def _pick(stacked: Tensor, index: Tensor) -> Tensor:
+    """``stacked[index]`` for a 0-d index tensor without a host sync (plain indexing calls ``.item()``)."""
+    return stacked.index_select(0, index.reshape(1)).squeeze(0)
 
 
 def box_bounds(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,6 +135,12 @@ class ImagePriorAttack(GradientInversionAttack):
         restarts: number R of independent initialisations optimised side by side (see module docs).
         init: initialisation of every restart (see :class:`GradientInversionAttack`).
         seed: seed of the initialisations.
+        restart_mode: how R > 1 restarts are evaluated: "sequential" (one victim double-backward per
+            restart), "vectorised" (one vmapped computation, :mod:`lightning_gi.attacks.vectorised`; victim in
+            eval mode, no BN-statistics prior) or "auto" (default): vectorised on CUDA when eligible, sequential
+            on CPU, where the grouped-convolution backward of vmap made vectorised restarts 0.38x of sequential
+            on ResNet-18 (docs/performance_notes.md). Same objective and trajectories either way.
+        steps_per_call, compile: see :class:`GradientInversionAttack`.
     """
 
     def __init__(
@@ -128,6 +157,9 @@ class ImagePriorAttack(GradientInversionAttack):
         restarts: int = 1,
         init: str = "randn",
         seed: int = 0,
+        restart_mode: Literal["auto", "sequential", "vectorised"] = "auto",
+        steps_per_call: int = 1,
+        compile: bool = False,
     ) -> None:
         super().__init__(
             optimizer,
@@ -136,7 +168,13 @@ class ImagePriorAttack(GradientInversionAttack):
             init=init,
             seed=seed,
             distance=distance if distance is not None else CosineDistance(),
+            steps_per_call=steps_per_call,
+            compile=compile,
         )
+        if restart_mode not in RESTART_MODES:
+            raise ValueError(f"restart_mode must be one of {RESTART_MODES}, got {restart_mode!r}")
+        self.restart_mode = restart_mode
+        self.vectorised_restarts = False  # resolved in bind() (resolve_restart_mode)
         if restarts < 1:
             raise ValueError(f"restarts must be >= 1, got {restarts}")
         if milestone_fractions is not None and lr_scheduler is not None:
@@ -160,7 +198,20 @@ class ImagePriorAttack(GradientInversionAttack):
         inits = [self.initial_images(generator) for _ in range(self.restarts)]
         self.dummy_images = nn.Parameter(torch.stack(inits))  # [R, N, C, H, W]
 
+    def resolve_restart_mode(self, model: nn.Module, device: torch.device) -> bool:
+        """Whether this run vectorises its restarts (see ``restart_mode``); raises when "vectorised" cannot work."""
+        if self.restart_mode == "vectorised":
+            reason = vectorisable(model, list(self.priors))
+            if reason is not None:
+                raise ValueError(reason)
+            return True
+        if self.restart_mode == "sequential":
+            return False
+        return auto_vectorise(device, self.restarts, model, list(self.priors))
+
     def bind(self, inputs: Any, device: Optional[torch.device] = None) -> "ImagePriorAttack":
+        dev0 = torch.device("cpu") if device is None else torch.device(device)
+        self.vectorised_restarts = self.resolve_restart_mode(inputs.model, dev0)
         super().bind(inputs, device=device)
         dev = self.dummy_images.device
         # per-restart best iterates; the base class's ``best_loss`` / ``best_images`` keep their meaning
@@ -179,7 +230,7 @@ class ImagePriorAttack(GradientInversionAttack):
 
     def dummy_batch(self) -> tuple[Tensor, Tensor]:
         """The current images of the leading restart (what monitors show) and the labels."""
-        return self.dummy_images[self.leading_restart()], self.labels
+        return _pick(self.dummy_images, self.leading_restart()), self.labels
 
     # ------------------------------------------------------------------ the objective
     def restart_objective(self, images: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -190,6 +241,10 @@ class ImagePriorAttack(GradientInversionAttack):
     def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """(sum of the per-restart losses, matching distances [R], images [R, N, C, H, W], prior terms
         summed over restarts). Each restart is evaluated on its own (module docs, "Restarts")."""
+        if self.vectorised_restarts:
+            from .vectorised import vectorised_objective
+
+            return vectorised_objective(self)
         total: Optional[Tensor] = None
         distances = []
         terms_sum: dict[str, Tensor] = {}
@@ -201,14 +256,10 @@ class ImagePriorAttack(GradientInversionAttack):
                 terms_sum[name] = value if name not in terms_sum else terms_sum[name] + value
         return total, torch.stack(distances), self.dummy_images, terms_sum
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss, distances, images, terms = self.objective()
-        self.update_best(distances.detach(), images.detach())
-        if self._should_log():  # only on the logger's steps (self.log costs milliseconds)
-            self.log("matching_distance", distances.detach().min(), prog_bar=True)
-            for name, value in terms.items():
-                self.log(f"prior/{name}", value.detach() / self.restarts)
-        return loss
+    def log_step(self, distance: Tensor, terms: dict[str, Tensor]) -> None:
+        self.log("matching_distance", distance.detach().min(), prog_bar=True)
+        for name, value in terms.items():
+            self.log(f"prior/{name}", value.detach() / self.restarts)
 
     # ------------------------------------------------------------------ update rules
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -217,8 +268,7 @@ class ImagePriorAttack(GradientInversionAttack):
                 if p.grad is not None:
                     p.grad.sign_()
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def after_optimizer_step(self) -> None:
         if self.boxed:
             self.project()
 
@@ -245,10 +295,15 @@ class ImagePriorAttack(GradientInversionAttack):
             better.view(-1, *([1] * (images.dim() - 1))), images, self.restart_best_images
         )
         leader = self.leading_restart()
-        self.best_loss = self.restart_best_loss[leader]
-        self.best_images = self.restart_best_images[leader]
+        self.best_loss = _pick(self.restart_best_loss, leader)
+        self.best_images = _pick(self.restart_best_images, leader)
 
     def evaluate_final_iterate(self) -> None:
+        if self.vectorised_restarts:
+            from .vectorised import vectorised_final_distances
+
+            self.update_best(vectorised_final_distances(self), self.dummy_images.detach())
+            return
         with torch.inference_mode(False), torch.enable_grad():
             distances = []
             for r in range(self.restarts):

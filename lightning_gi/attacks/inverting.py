@@ -22,7 +22,7 @@ layer up-weighted), Adam lr 0.1. Peer settings: BN 0.1 (first BN x10), TV 1e-4, 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -58,6 +58,9 @@ class InvertingGradients(ImagePriorAttack):
         restarts: int = 1,
         init: str = "randn",
         seed: int = 0,
+        restart_mode: Literal["auto", "sequential", "vectorised"] = "auto",
+        steps_per_call: int = 1,
+        compile: bool = False,
     ) -> None:
         if lr_scheduler is not None:
             milestone_fractions = None
@@ -74,6 +77,9 @@ class InvertingGradients(ImagePriorAttack):
             restarts=restarts,
             init=init,
             seed=seed,
+            restart_mode=restart_mode,
+            steps_per_call=steps_per_call,
+            compile=compile,
         )
 
 
@@ -100,6 +106,9 @@ class GradInversion(ImagePriorAttack):
         restarts: int = 1,
         init: str = "randn",
         seed: int = 0,
+        restart_mode: Literal["auto", "sequential", "vectorised"] = "auto",
+        steps_per_call: int = 1,
+        compile: bool = False,
     ) -> None:
         if priors is None:
             priors = [BNStatisticsPrior(weight=0.1, first_bn_multiplier=10.0), TotalVariation(weight=1e-4), L2ImageNorm(weight=1e-6)]
@@ -116,4 +125,7 @@ class GradInversion(ImagePriorAttack):
             restarts=restarts,
             init=init,
             seed=seed,
+            restart_mode=restart_mode,
+            steps_per_call=steps_per_call,
+            compile=compile,
         )

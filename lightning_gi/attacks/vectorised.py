@@ -32,7 +32,10 @@ from ..objectives.priors import BNStatisticsPrior
 from .image_prior import ImagePriorAttack
 from .inverting import InvertingGradients
 
-__all__ = ["VectorisedRestartsMixin", "VectorisedRestartsAttack", "VectorisedInvertingGradients", "restart_gradients"]
+__all__ = [
+    "VectorisedRestartsMixin", "VectorisedRestartsAttack", "VectorisedInvertingGradients", "restart_gradients",
+    "vectorised_objective", "vectorised_final_distances",
+]
 
 
 def restart_gradients(
@@ -60,8 +63,61 @@ def restart_gradients(
     return list(torch.autograd.grad(loss, stacked, create_graph=True))
 
 
+def stacked_victim_gradients(attack: Any, images: Tensor) -> list[Tensor]:
+    """``[R, ...]`` gradient per victim parameter for ``images [R, n, C, H, W]`` (reduced over shards)."""
+    targets = attack.labels
+    if attack.batch_sharded and targets.shape[0] != images.shape[1]:
+        targets = targets[attack.local_slice]
+    reduction = "sum" if attack.batch_sharded else attack.loss_reduction
+    grads = restart_gradients(attack.victim, images, targets, attack._victim_params, reduction)
+    return attack.reduce_gradients(grads)
+
+
+def restart_distances(attack: Any, grads: list[Tensor]) -> Tensor:
+    """Matching distance of every restart, ``[R]`` (vmapped; a loop if the distance cannot be vmapped)."""
+    match = attack.matching_distance
+    state = getattr(attack, "_vmap_distance", None)
+    if state is not False:
+        try:
+            out = vmap(lambda *g: match(list(g)))(*grads)
+            attack._vmap_distance = True
+            return out
+        except Exception:  # data-dependent Python control flow in a custom distance
+            if state:
+                raise
+            attack._vmap_distance = False
+    return torch.stack([match([g[r] for g in grads]) for r in range(grads[0].shape[0])])
+
+
+def vectorised_objective(attack: Any) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """:meth:`ImagePriorAttack.objective` with the R restarts as one batched computation (module docs)."""
+    images = attack.dummy_images
+    grads = stacked_victim_gradients(attack, images)
+    distances = restart_distances(attack, grads)
+    total = distances.sum()
+    if attack.scheduled:  # score iterates unmasked, all tensors (base class docs)
+        with torch.no_grad(), attack.unscheduled():
+            distances = restart_distances(attack, [g.detach() for g in grads])
+    terms_sum: dict[str, Tensor] = {}
+    for r in range(images.shape[0]):
+        for name, value in attack.prior_terms(images[r]).items():
+            terms_sum[name] = value if name not in terms_sum else terms_sum[name] + value
+    for value in terms_sum.values():
+        total = total + value
+    return total, distances, images, terms_sum
+
+
+def vectorised_final_distances(attack: Any) -> Tensor:
+    """Scoring distances ``[R]`` of the current iterates (no schedules), for the final evaluation."""
+    with torch.inference_mode(False), torch.enable_grad():
+        grads = stacked_victim_gradients(attack, attack.dummy_images)
+        with attack.unscheduled():
+            return restart_distances(attack, [g.detach() for g in grads]).detach()
+
+
 class VectorisedRestartsMixin:
-    """Replaces :class:`ImagePriorAttack`'s per-restart loop by one batched computation (module docs)."""
+    """Forces ``restart_mode="vectorised"`` on an :class:`ImagePriorAttack` (module docs); ``restart_mode="auto"``
+    on the plain class makes the same choice per device."""
 
     _vmap_distance: Optional[bool] = None
 
@@ -77,52 +133,14 @@ class VectorisedRestartsMixin:
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in inputs.model.modules()):
             raise ValueError("vectorised restarts need the victim in eval mode (BatchNorm in train mode found)")
         self._check_vectorisable()
+        self.restart_mode = "vectorised"
         return super().bind(inputs, device=device)  # type: ignore[misc]
 
     def stacked_victim_gradients(self, images: Tensor) -> list[Tensor]:
-        """``[R, ...]`` gradient per victim parameter for ``images [R, n, C, H, W]`` (reduced over shards)."""
-        targets = self.labels  # type: ignore[attr-defined]
-        if self.batch_sharded and targets.shape[0] != images.shape[1]:  # type: ignore[attr-defined]
-            targets = targets[self.local_slice]  # type: ignore[attr-defined]
-        reduction = "sum" if self.batch_sharded else self.loss_reduction  # type: ignore[attr-defined]
-        grads = restart_gradients(self.victim, images, targets, self._victim_params, reduction)  # type: ignore[attr-defined]
-        return self.reduce_gradients(grads)  # type: ignore[attr-defined]
+        return stacked_victim_gradients(self, images)
 
     def restart_distances(self, grads: list[Tensor]) -> Tensor:
-        """Matching distance of every restart, ``[R]`` (vmapped; a loop if the distance cannot be vmapped)."""
-        match = self.matching_distance  # type: ignore[attr-defined]
-        if self._vmap_distance is not False:
-            try:
-                out = vmap(lambda *g: match(list(g)))(*grads)
-                self._vmap_distance = True
-                return out
-            except Exception:  # data-dependent Python control flow in a custom distance
-                if self._vmap_distance:
-                    raise
-                self._vmap_distance = False
-        return torch.stack([match([g[r] for g in grads]) for r in range(grads[0].shape[0])])
-
-    def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        images = self.dummy_images  # type: ignore[attr-defined]
-        grads = self.stacked_victim_gradients(images)
-        distances = self.restart_distances(grads)
-        total = distances.sum()
-        if self.scheduled:  # type: ignore[attr-defined]  # score iterates unmasked, all tensors (base class docs)
-            with torch.no_grad(), self.unscheduled():  # type: ignore[attr-defined]
-                distances = self.restart_distances([g.detach() for g in grads])
-        terms_sum: dict[str, Tensor] = {}
-        for r in range(images.shape[0]):
-            for name, value in self.prior_terms(images[r]).items():  # type: ignore[attr-defined]
-                terms_sum[name] = value if name not in terms_sum else terms_sum[name] + value
-        for value in terms_sum.values():
-            total = total + value
-        return total, distances, images, terms_sum
-
-    def evaluate_final_iterate(self) -> None:
-        with torch.inference_mode(False), torch.enable_grad():
-            grads = self.stacked_victim_gradients(self.dummy_images)  # type: ignore[attr-defined]
-            distances = self.restart_distances([g.detach() for g in grads]).detach()
-        self.update_best(distances, self.dummy_images.detach())  # type: ignore[attr-defined]
+        return restart_distances(self, grads)
 
 
 class VectorisedRestartsAttack(VectorisedRestartsMixin, ImagePriorAttack):

@@ -44,6 +44,7 @@ __all__ = [
     "CosineDistance",
     "WassersteinDistance",
     "TopKCosineDistance",
+    "prepare_distance",
 ]
 
 
@@ -407,3 +408,73 @@ class TopKCosineDistance:
 
     def __repr__(self) -> str:
         return f"TopKCosineDistance(prune_ratio={self.prune_ratio})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# cached invariants: what depends only on the target, computed once per schedule change
+# ----------------------------------------------------------------------------------------------------
+def _prepared_terms(target: Sequence[Tensor], weights: Weights, masks: Masks) -> list[tuple[int, Tensor, float | Tensor, Optional[Tensor]]]:
+    """``(index, target_i, weight_i, float mask_i or None)`` for the kept tensors (validated once)."""
+    out = []
+    _check_aligned(target, target, weights, masks)
+    for i, b in enumerate(target):
+        w = 1.0 if weights is None else _resolve_weight(weights[i], i)
+        if w is None:
+            continue
+        m = None if masks is None else _resolve_mask(masks[i], b, i)
+        out.append((i, b, w, None if m is None else m.to(dtype=b.dtype)))
+    return out
+
+
+def _check_dummy(dummy: Sequence[Tensor], target: Sequence[Tensor]) -> None:
+    if len(dummy) != len(target):
+        raise ValueError(f"gradient lists differ in length: {len(dummy)} vs {len(target)}")
+
+
+def prepare_distance(distance: object, target: Sequence[Tensor], weights: Weights = None, masks: Masks = None):
+    """A one-argument function ``dummy -> distance(dummy, target, weights, masks)`` with the target-only parts
+    (masked targets, float masks, the target norm of the cosine, the validation of weights and masks)
+    computed once, or None when ``distance`` has no prepared form. Same operations in the same order as the
+    plain call, so the value is identical; callers re-prepare when the target, weights or masks change."""
+    if distance is squared_l2 or isinstance(distance, SquaredL2Distance):
+        terms = _prepared_terms(target, weights, masks)
+        ref = list(target)
+
+        def prepared_l2(dummy: Sequence[Tensor]) -> Tensor:
+            _check_dummy(dummy, ref)
+            total = _accumulator(dummy)
+            for i, b, w, m in terms:
+                if dummy[i].shape != b.shape:
+                    raise ValueError(f"gradient {i}: dummy shape {tuple(dummy[i].shape)} != target shape {tuple(b.shape)}")
+                diff = dummy[i] - b
+                if m is not None:
+                    diff = diff * m
+                total = total + w * diff.pow(2).sum()
+            return total
+
+        return prepared_l2
+    if isinstance(distance, CosineDistance) and not distance.per_layer:
+        terms = _prepared_terms(target, weights, masks)
+        eps = distance.eps
+        ref = list(target)
+        masked_targets = [b if m is None else b * m for _, b, _, m in terms]
+        with torch.no_grad():
+            norm_b = _accumulator(ref)
+            for (_, _, w, _), bm in zip(terms, masked_targets):
+                norm_b = norm_b + w * bm.pow(2).sum()
+            denom_b = _safe_sqrt(norm_b).clamp_min(eps)
+
+        def prepared_cosine(dummy: Sequence[Tensor]) -> Tensor:
+            _check_dummy(dummy, ref)
+            dot = _accumulator(dummy)
+            norm_a = dot.clone()
+            for (i, b, w, m), bm in zip(terms, masked_targets):
+                if dummy[i].shape != b.shape:
+                    raise ValueError(f"gradient {i}: dummy shape {tuple(dummy[i].shape)} != target shape {tuple(b.shape)}")
+                am = dummy[i] if m is None else dummy[i] * m
+                dot = dot + w * (am * bm).sum()
+                norm_a = norm_a + w * am.pow(2).sum()
+            return 1.0 - dot / (_safe_sqrt(norm_a).clamp_min(eps) * denom_b)
+
+        return prepared_cosine
+    return None
