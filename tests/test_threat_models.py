@@ -321,3 +321,20 @@ def test_one_fedsgd_client_equals_the_foundation_capture():
     ref = capture_observation(model, images, labels, defenses=defenses)
     for a, b in zip(ours.gradients, ref.gradients):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_metadata_carries_nothing_that_rebuilds_the_private_batch():
+    """Issue 11 item 8: no dataset indices, batch seed or defense noise seed in the observation (the noise seed
+    would let the server regenerate and subtract each client's noise); the hyperparameters stay."""
+    model = reinitialise(LeNet(num_classes=14, image_size=16), 0)  # the photographs have 14 classes
+    dm = ThreatModelVictim(
+        model, client=FedAvgClient(2, 0.1, 1), num_clients=2, dataset="photographs", batch_size=2, batch_seed=48611,
+        image_shape=(3, 16, 16), defenses=[GaussianNoise(std=0.01, seed=7919)],
+    )
+    dm.setup()
+    meta = dm.observation.metadata
+    assert not any("indic" in k or "index" in k or "seed" in k for k in meta)
+    assert not any(isinstance(v, str) and ("48611" in v or "7919" in v or "seed" in v) for v in meta.values())
+    assert meta["defenses"].startswith("GaussianNoise(") and "std=0.01" in meta["defenses"]
+    assert meta["client_batch_sizes"] == "2,2" and meta["local_steps"] == 2 and meta["local_lr"] == 0.1
+    assert dm.ground_truth().images.shape == (4, 3, 16, 16)  # the metrics still get the batch

@@ -15,7 +15,9 @@ The pieces, each small and configurable:
 The observation records all hyperparameters an attacker needs in ``metadata`` (str/int/float/bool),
 which :class:`lightning_gi.attacks.fedavg.UnrolledUpdateMixin` reads to simulate the same update on its
 dummy batch (``threat_model``, ``local_steps``, ``local_lr``, ``local_batch_size``, ``num_clients``,
-``client_batch_sizes``, ``aggregation``, ...). See docs/threat_models.md.
+``client_batch_sizes``, ``aggregation``, ...). It records nothing that rebuilds the private batch: no
+dataset indices, no ``batch_seed``, no defense noise seed (the batch is in the ``GroundTruth`` only, which
+attacks never see). See docs/threat_models.md.
 
 :func:`unrolled_update` is the single implementation of FedAvg's local training used by both sides:
 the client (``create_graph=False``) and the attacker (``create_graph=True``, differentiable in the
@@ -295,6 +297,15 @@ class FedAvgClient(ClientUpdate):
         }
 
 
+def public_repr(obj: Any) -> str:
+    """``Name(arg=value, ...)`` of a defense without its random seed (or private attributes): what the server
+    may know about a client's defense; the seed would let it regenerate and subtract the noise."""
+    args = ", ".join(
+        f"{k}={v!r}" for k, v in vars(obj).items() if not k.startswith("_") and "seed" not in k.lower()
+    )
+    return f"{type(obj).__name__}({args})"
+
+
 # --------------------------------------------------------------------------------------------------
 # The DataModule
 # --------------------------------------------------------------------------------------------------
@@ -395,26 +406,28 @@ class ThreatModelVictim(VictimDataModule):
         dm._given = (images.detach().float(), labels.detach().long())
         return dm
 
-    def private_data(self) -> tuple[Tensor, Tensor, str]:
+    def private_data(self) -> tuple[Tensor, Tensor]:
+        """The clients' private images (in [0,1]) and labels, in client order. Never part of the observation:
+        neither they nor what rebuilds them (dataset indices, ``batch_seed``) go into its metadata."""
         if self._given is not None:
-            return self._given[0], self._given[1], "tensors"
+            return self._given[0], self._given[1]
         from .data import build_dataset, select_batch
 
         c, h, w = self.image_shape
         if h != w:
             raise ValueError(f"bundled/torchvision datasets give square images; image_shape is {self.image_shape}")
         dataset = build_dataset(self.dataset_name, root=self.data_root, image_size=h, channels=c)
-        images, labels, indices = select_batch(
+        images, labels, _ = select_batch(
             dataset,
             self.batch_size * self.num_clients,
             seed=self.batch_seed,
             label_mode=self.label_mode,
             num_distinct=self.num_distinct,
         )
-        return images, labels, ",".join(map(str, indices))
+        return images, labels
 
     def build_observation(self) -> tuple[GradientObservation, Optional[GroundTruth]]:
-        images, labels, indices = self.private_data()
+        images, labels = self.private_data()
         if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
             raise ValueError(f"labels {labels.tolist()} outside [0, {self.num_classes}) of the victim")
         inputs = (images - self.mean) / self.std
@@ -453,10 +466,11 @@ class ThreatModelVictim(VictimDataModule):
             train_mode=bool(self.model.training),
             model_state=self.model_state,
             dataset=self.dataset_name if self._given is None else "tensors",
-            indices=indices,
-            batch_seed=self.batch_seed,
-            defenses=";".join(repr(d) for d in self.defenses),
+            defenses=";".join(public_repr(d) for d in self.defenses),
         )
+        # Only what the attacker legitimately knows: threat-model hyperparameters, the client split, the
+        # dataset's name. Never the batch's dataset indices or batch_seed (they rebuild the private batch),
+        # nor a defense's noise seed (it rebuilds the noise, which could then be subtracted).
         if self.share_num_data_points:
             metadata["client_batch_sizes"] = ",".join([str(self.batch_size)] * self.num_clients)
             batch_size = n_true
@@ -488,6 +502,7 @@ __all__ = [
     "UpdateSpec",
     "functional_gradient",
     "local_step_indices",
+    "public_repr",
     "simulate_shared_update",
     "unrolled_update",
 ]
