@@ -1,5 +1,11 @@
 """``lightning-gi``: the LightningCLI entry point (``lightning-gi fit --config configs/X.yaml``).
 
+The project's other tools are subcommands of the same command, each with ``--help``:
+``lightning-gi giml --config configs/giml/dcgan_photos.yaml`` (GIML, its own LightningCLI),
+``lightning-gi aux-stats --out ...`` (stepwise attack's auxiliary statistics) and
+``lightning-gi train-dcgan --dataset photographs`` (the DCGAN priors). Each is also
+``python -m <module>`` with the same flags.
+
 ``model:`` selects the attack (any :class:`GradientInversionAttack` subclass by class_path) and
 ``data:`` the victim (any :class:`VictimDataModule` subclass). The CLI always attaches
 :class:`ReconstructionReport` (outputs + metrics), :class:`ReconstructionMonitor` (TensorBoard grids),
@@ -47,14 +53,21 @@ _QUIET_LOG_LINES = re.compile(
 )
 
 _TOP_HELP = """\
-usage: lightning-gi [-h] [--version] [--debug] fit [--config CONFIG] [options]
+usage: lightning-gi [-h] [--version] [--debug] {fit,giml,aux-stats,train-dcgan} [options]
 
 Gradient inversion attacks (DLG, iDLG, Inverting Gradients, GradInversion, stepwise, GIAS/GIML)
 as PyTorch Lightning modules.
 
 subcommands:
-  fit         run an attack: lightning-gi fit --config configs/idlg_lenet.yaml
-              (lightning-gi fit --help lists every option)
+  fit          run an attack: lightning-gi fit --config configs/idlg_lenet.yaml
+               (lightning-gi fit --help lists every option)
+  giml         meta-learn a generator from gradients (GIML), then use it as GIAS's prior:
+               lightning-gi giml --config configs/giml/dcgan_photos.yaml
+  aux-stats    auxiliary feature statistics of public images for the stepwise attack:
+               lightning-gi aux-stats --model resnet34 --out checkpoints/aux_stats_resnet34.pt
+  train-dcgan  train a DCGAN prior on the bundled public images:
+               lightning-gi train-dcgan --dataset photographs
+  (lightning-gi COMMAND --help lists each command's options)
 
 options:
   -h, --help  show this help message and exit
@@ -63,6 +76,15 @@ options:
 
 exit status: 0 finished, 2 bad input, 130 interrupted (Ctrl+C), 143 terminated (SIGTERM), 1 crashed.
 """
+
+
+# subcommand -> (module, what it does); each module has ``main(argv)`` taking the subcommand's flags
+TOOLS: dict[str, tuple[str, str]] = {
+    "giml": ("lightning_gi.attacks.giml", "meta-learn a generator from gradients (GIML)"),
+    "aux-stats": ("lightning_gi.labels.auxiliary_stats", "auxiliary statistics for the stepwise attack"),
+    "train-dcgan": ("lightning_gi.generators.train_dcgan", "train a DCGAN prior on the bundled public images"),
+}
+COMMANDS = ("fit", *TOOLS)
 
 
 class ConfigError(ValueError):
@@ -417,6 +439,21 @@ def run(args: Optional[list[str]] = None, exit_on_error: bool = True) -> Any:
     )
 
 
+def run_tool(name: str, argv: list[str]) -> Any:
+    """Run the subcommand ``name`` (a key of :data:`TOOLS`) with its own flags; returns what its ``main`` returns."""
+    import importlib
+
+    configure_output()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    module = importlib.import_module(TOOLS[name][0])
+    program = sys.argv[0]
+    sys.argv[0] = f"lightning-gi {name}"  # argparse names the program after argv[0] in usage lines
+    try:
+        return module.main(list(argv))
+    finally:
+        sys.argv[0] = program
+
+
 def _finished(cli: Any) -> Optional[int]:
     """None when the run finished, else the exit status it deserves."""
     trainer = getattr(cli, "trainer", None)
@@ -451,12 +488,15 @@ def main(args: Optional[list[str]] = None) -> None:
         print(f"lightning-gi {__version__}")
         return
     if argv[0].startswith("-") and argv[0] not in ("-c", "--config", "--print_config") or (
-        not argv[0].startswith("-") and argv[0] != "fit"
+        not argv[0].startswith("-") and argv[0] not in COMMANDS
     ):
-        sys.stderr.write(f"lightning-gi: error: unknown command {argv[0]!r}; the command is 'fit' (see lightning-gi --help)\n")
+        sys.stderr.write(
+            f"lightning-gi: error: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} "
+            "(see lightning-gi --help)\n"
+        )
         raise SystemExit(EXIT_BAD_INPUT)
     try:
-        cli = run(argv, exit_on_error=debug)
+        cli = run_tool(argv[0], argv[1:]) if argv[0] in TOOLS else run(argv, exit_on_error=debug)
     except SystemExit as exc:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 

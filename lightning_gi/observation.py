@@ -8,7 +8,7 @@ user can capture a gradient in their own FL stack without importing lightning_gi
      "batch_size": 8,
      "labels": LongTensor[8],       # optional: only when the client shares them
      "param_names": [...],          # optional: names in model.named_parameters() order
-     "metadata": {...}}             # optional: str/int/float/bool values
+     "metadata": {...}}             # optional: str/int/float/bool values; "mean"/"std": lists of floats
 
 It loads with ``torch.load(weights_only=True)``: no code in the file is ever executed.
 """
@@ -28,6 +28,16 @@ SUPPORTED_VERSIONS = (1,)
 _KNOWN_KEYS = {"format_version", "gradients", "batch_size", "labels", "param_names", "metadata", "loss_reduction"}
 MAX_BATCH_SIZE = 4096
 """Largest batch an observation may claim: an attack allocates one dummy image per sample."""
+
+
+_LIST_METADATA = ("mean", "std")
+"""Metadata keys that hold a list of numbers (the victim's input normalisation, one value per channel)."""
+
+
+def _is_number_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and 0 < len(value) <= 64 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
 
 
 class ObservationError(ValueError):
@@ -176,6 +186,8 @@ class GradientObservation:
         if not isinstance(metadata, Mapping):
             raise ObservationError(f"'metadata' must be a dict, got {type(metadata).__name__}")
         for key, value in metadata.items():
+            if key in _LIST_METADATA and _is_number_list(value):  # the victim's per-channel normalisation
+                continue
             if not isinstance(key, str) or not (value is None or isinstance(value, (str, int, float, bool))):
                 raise ObservationError(
                     f"'metadata' entry {key!r} must map a string to a str/int/float/bool, got {type(value).__name__}"

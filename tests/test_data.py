@@ -354,3 +354,53 @@ def test_auxiliary_statistics_and_calibration_read_the_public_pool_only():
     reference = calibrate_batchnorm(reinitialise(torchvision_classifier("resnet18", 10), 0), (calib - mean) / std)
     assert torch.allclose(model.bn1.running_mean, reference.bn1.running_mean, atol=1e-6)
     assert torch.allclose(model.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ victims with fewer classes (14.6)
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("label_mode", ["unique", "repeated", "random"])
+def test_select_batch_serves_a_victim_with_fewer_classes(photos, label_mode):
+    """num_classes draws from the dataset's first num_classes classes only, for every seed; a seed whose
+    batch already fits is unchanged (the shipped demos keep their batches)."""
+    assert photos.num_classes > 10
+    n = 4
+    for seed in range(20):
+        images, labels, indices = select_batch(photos, n, seed=seed, label_mode=label_mode, num_classes=10)
+        assert int(labels.max()) < 10 and len(labels) == n
+        assert torch.equal(labels, torch.tensor([photos.targets[i] for i in indices]))
+        assert torch.equal(images, torch.stack([photos[i][0] for i in indices]))
+        if label_mode == "unique":
+            assert len(set(labels.tolist())) == n
+        unrestricted = select_batch(photos, n, seed=seed, label_mode=label_mode)
+        if int(unrestricted[1].max()) < 10:
+            assert unrestricted[2] == indices
+    with pytest.raises(ValueError, match="classes present with label < num_classes=3"):
+        select_batch(photos, 4, seed=0, label_mode="unique", num_classes=3)
+
+
+def _datamodule(config: str, **overrides):
+    """The config's data section instantiated as the CLI does (jsonargparse), with init_args overrides."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from lightning_gi.victim.datamodule import VictimDataModule
+
+    data = yaml.safe_load((ROOT / config).read_text())["data"]
+    data["init_args"].update(overrides)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(VictimDataModule, "data")
+    return parser.instantiate_classes(parser.parse_object({"data": data})).data
+
+
+@pytest.mark.parametrize("config", ["configs/idlg_lenet.yaml", "configs/fedavg_lenet.yaml"])
+def test_every_batch_seed_of_the_lenet_demos_builds_its_observation(config):
+    """Issue 14.6: `--data.init_args.batch_seed=K` on a 10-class demo victim used to fail for some K
+    ("dataset 'photographs' has labels up to 11 but the victim has num_classes=10")."""
+    for seed in range(6):
+        dm = _datamodule(config, batch_seed=seed)
+        dm.setup("fit")
+        truth = dm.ground_truth()
+        assert dm.observation.batch_size == truth.labels.numel()
+        assert 0 <= int(truth.labels.min()) and int(truth.labels.max()) < dm.num_classes, (seed, truth.labels)

@@ -22,7 +22,8 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
 
 def _seeded_resnet_victim(seed: int, num_classes: int = 14) -> nn.Module:
     dm = FedSGDVictim(
-        torchvision_classifier("resnet18", num_classes=num_classes), model_seed=seed, image_shape=(3, 32, 32)
+        torchvision_classifier("resnet18", num_classes=num_classes), model_seed=seed, image_shape=(3, 32, 32),
+        normalization="none",
     )
     return dm.model
 
@@ -73,7 +74,7 @@ def test_seeds_differ_repeat_and_leave_the_global_rng_alone():
     models = [torchvision_classifier("resnet18", num_classes=14) for _ in range(3)]  # unseeded constructions
     torch.manual_seed(1234)
     state = torch.get_rng_state()
-    a, b, a2 = (FedSGDVictim(m, model_seed=s).model for m, s in zip(models, (0, 1, 0)))
+    a, b, a2 = (FedSGDVictim(m, model_seed=s, normalization="none").model for m, s in zip(models, (0, 1, 0)))
     assert torch.equal(torch.get_rng_state(), state)  # seeding neither reads nor moves the global stream
     assert _same(a, a2)
     assert not torch.equal(a.conv1.weight, b.conv1.weight) and not torch.equal(a.fc.weight, b.fc.weight)
@@ -143,9 +144,9 @@ def test_resized_head_and_stem_use_the_architecture_init(tmp_path):
     assert torch.equal(model.fc.weight, fresh.fc.weight) and torch.equal(model.fc.bias, fresh.fc.bias)
     assert all(torch.equal(v, file_sd[k]) for k, v in model.state_dict().items() if not k.startswith("fc."))
     grey = FedSGDVictim(torchvision_classifier("resnet18", num_classes=10, in_channels=1), model_seed=4,
-                        image_shape=(1, 32, 32)).model
+                        image_shape=(1, 32, 32), normalization="none").model
     again = FedSGDVictim(torchvision_classifier("resnet18", num_classes=10, in_channels=1), model_seed=4,
-                         image_shape=(1, 32, 32)).model
+                         image_shape=(1, 32, 32), normalization="none").model
     assert _same(grey, again) and grey.conv1.weight.shape == (64, 1, 7, 7)
     assert abs(float(grey.conv1.weight.detach().std()) / math.sqrt(2.0 / (64 * 49)) - 1.0) < 0.1
 

@@ -45,6 +45,7 @@ def test_plain_torch_observation_loads_and_attacks(tmp_path, lean_trainer_kwargs
         ground_truth_path=str(tmp_path / "gt.pt"),
         weights_path=str(tmp_path / "model.pt"),
         image_shape=(3, 16, 16),
+        normalization="none",  # the plain-torch client fed [0, 1] images
     )
     attack = IDLG(seed=0)
     pl.Trainer(max_steps=40, **lean_trainer_kwargs).fit(attack, dm)

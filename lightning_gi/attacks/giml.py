@@ -452,15 +452,23 @@ class GIML(pl.LightningModule):
         self.meta_steps = int(checkpoint.get("giml", {}).get("meta_steps", 0))
 
 
-def main(args: Optional[list[str]] = None) -> None:
-    """``python -m lightning_gi.attacks.giml fit --config configs/giml/dcgan_photos.yaml`` (LightningCLI)."""
+def main(args: Optional[list[str]] = None) -> Any:
+    """``lightning-gi giml --config configs/giml/dcgan_photos.yaml`` (also ``python -m lightning_gi.attacks.giml
+    --config ...``): a LightningCLI over GIML and GradientTasks; the ``fit`` subcommand is implied (accepted
+    too). Returns the LightningCLI."""
+    import sys
+
     from pytorch_lightning.cli import LightningCLI
 
-    from ..cli import quiet_known_warnings
+    from ..cli import configure_output
 
-    quiet_known_warnings()
+    configure_output()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    LightningCLI(GIML, GradientTasks, auto_configure_optimizers=False, save_config_kwargs={"overwrite": True}, seed_everything_default=0, args=args)
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] != "fit":
+        argv = ["fit", *argv]
+    return LightningCLI(GIML, GradientTasks, auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
+                        seed_everything_default=0, args=argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,7 @@ From a few public images (the authors use ~40 web images) the attacker computes,
 The result is small (a few ``[feature_dim]`` vectors) and is written once per victim model to a file that
 any attack's :class:`~lightning_gi.labels.EvolutionaryLabelCounts` can reuse::
 
-    python -m lightning_gi.labels.auxiliary_stats --model resnet34 --weights-path resnet34-b627a593.pth \\
+    lightning-gi aux-stats --model resnet34 --weights-path resnet34-b627a593.pth \\
         --num-classes 1000 --image-size 224 --out checkpoints/resnet34_aux_stats.pt
 
 The file is a ``torch.save``d dict of tensors plus a ``metadata`` dict of strings/ints (loads with
@@ -174,7 +174,7 @@ def load_auxiliary_stats(path: str | os.PathLike) -> AuxiliaryStats:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"auxiliary statistics file '{path}' not found; create it with "
-            "`python -m lightning_gi.labels.auxiliary_stats --model ... --out {path}`"
+            "`lightning-gi aux-stats --model ... --out {path}`"
         )
     if path.endswith(".safetensors"):
         from safetensors import safe_open
@@ -197,7 +197,7 @@ def load_auxiliary_stats(path: str | os.PathLike) -> AuxiliaryStats:
 
 def main(argv: Optional[list[str]] = None) -> AuxiliaryStats:
     p = argparse.ArgumentParser(
-        prog="python -m lightning_gi.labels.auxiliary_stats",
+        prog="lightning-gi aux-stats",
         description="Sorted-feature statistics of public images on a victim model (Ye et al. 2024, Stage I).",
     )
     p.add_argument("--model", default="resnet34", help="torchvision model name (e.g. resnet18, resnet34)")

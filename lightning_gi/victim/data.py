@@ -497,13 +497,21 @@ def select_batch(
     seed: int = 0,
     label_mode: str = "unique",
     num_distinct: Optional[int] = None,
+    num_classes: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, list[int]]:
     """Deterministically pick the victim's private batch; returns ``(images, labels, dataset indices)``.
 
     ``label_mode`` controls the label structure, which matters for label-recovery attacks:
     ``"unique"`` - all labels distinct; ``"repeated"`` - exactly ``num_distinct`` classes (default
     ``ceil(N/2)``), each at least once; ``"random"`` - uniformly random distinct indices.
+
+    ``num_classes`` (a victim with fewer outputs than the dataset has classes): only items with label
+    ``< num_classes`` are drawn, i.e. the dataset's first ``num_classes`` classes, labels unchanged. The
+    seeded draw runs over all of the dataset's classes (items) and skips the others, so a seed whose batch
+    already fits gives the same batch as without ``num_classes``.
     """
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if label_mode not in LABEL_MODES:
@@ -515,32 +523,46 @@ def select_batch(
         raise ValueError("dataset is empty")
     gen = torch.Generator().manual_seed(int(seed))
 
+    fewer = "" if num_classes is None else f" with label < num_classes={num_classes}"
     if label_mode == "random":
-        if batch_size > n_items:
-            raise ValueError(f"batch_size={batch_size} exceeds the dataset size {n_items}")
-        indices = torch.randperm(n_items, generator=gen)[:batch_size].tolist()
+        order = torch.randperm(n_items, generator=gen)
+        if num_classes is not None:
+            targets = _targets(dataset)
+            order = order[targets[order] < num_classes]
+        if batch_size > len(order):
+            raise ValueError(f"batch_size={batch_size} exceeds the {len(order)} items of the dataset{fewer}")
+        indices = order[:batch_size].tolist()
     else:
         targets = _targets(dataset)
         present = torch.unique(targets)
+        usable = len(present) if num_classes is None else int((present < num_classes).sum())
+        if usable == 0:
+            raise ValueError(f"the dataset has no item{fewer}")
         by_class = {int(c): (targets == c).nonzero().flatten() for c in present}
+
+        def draw(k: int) -> list[int]:
+            """k classes in a seeded order over all present classes, skipping those >= num_classes."""
+            perm = [int(present[i]) for i in torch.randperm(len(present), generator=gen)]
+            return [c for c in perm if num_classes is None or c < num_classes][:k]
+
         if label_mode == "unique":
-            if batch_size > len(present):
+            if batch_size > usable:
                 raise ValueError(
-                    f"label_mode='unique' needs batch_size <= number of classes present ({len(present)}), "
+                    f"label_mode='unique' needs batch_size <= number of classes present{fewer} ({usable}), "
                     f"got {batch_size}; use label_mode='repeated' or 'random'"
                 )
-            counts = {int(present[i]): 1 for i in torch.randperm(len(present), generator=gen)[:batch_size]}
+            counts = {c: 1 for c in draw(batch_size)}
         else:
             if num_distinct is None:
-                k = min(max(1, math.ceil(batch_size / 2)), len(present), batch_size)
+                k = min(max(1, math.ceil(batch_size / 2)), usable, batch_size)
             else:
-                if not isinstance(num_distinct, int) or not 1 <= num_distinct <= min(batch_size, len(present)):
+                if not isinstance(num_distinct, int) or not 1 <= num_distinct <= min(batch_size, usable):
                     raise ValueError(
                         f"num_distinct must be an int in [1, min(batch_size={batch_size}, "
-                        f"classes present={len(present)})], got {num_distinct!r}"
+                        f"classes present{fewer}={usable})], got {num_distinct!r}"
                     )
                 k = num_distinct
-            chosen = [int(present[i]) for i in torch.randperm(len(present), generator=gen)[:k]]
+            chosen = draw(k)
             counts = {c: 1 for c in chosen}
             for j in torch.randint(0, k, (batch_size - k,), generator=gen).tolist():
                 counts[chosen[j]] += 1
