@@ -168,3 +168,20 @@ def test_seeded_torchvision_instance_from_a_class_path():
     reinitialise(model, 9)
     torch.manual_seed(9)
     assert _same(model, torchvision.models.resnet18(num_classes=7))
+
+
+def test_convnet_seeded_equals_its_constructor_and_heads_differ():
+    from lightning_gi.victim import ConvNet
+
+    for kwargs in ({}, {"head": "pool"}, {"norm": "batch", "width": 8}):
+        model = reinitialise(ConvNet(num_classes=5, **kwargs), 3)
+        torch.manual_seed(3)
+        fresh = ConvNet(num_classes=5, **kwargs)
+        for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+            assert torch.equal(a, b), name
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+    flat, pooled = ConvNet(width=8), ConvNet(width=8, head="pool")
+    assert flat.fc.in_features == 32 * 8 * 8 and pooled.fc.in_features == 32
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in ConvNet(norm="batch").modules())
+    with pytest.raises(ValueError, match="divisible"):
+        ConvNet(image_size=30)

@@ -17,5 +17,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert "iDLG label [2]" in outputs
     psnr = float(outputs.split("iDLG label [2] PSNR ")[1].split(" dB")[0])
     assert psnr > 20.0, outputs
+    ig_psnr = float(outputs.split("IG label [2] PSNR ")[1].split(" dB")[0])
+    assert ig_psnr > 20.0, outputs  # section 3 must show the photograph, not noise
     assert (tmp_path / "quickstart_observation.pt").exists()
     assert os.path.getsize(tmp_path / "quickstart_observation.pt") > 0

@@ -8,7 +8,7 @@ from .datamodule import (
     VictimDataModule,
 )
 from .defenses import Defense, GaussianNoise, GradientClipping, LaplaceNoise, LowPrecision, TopKPruning
-from .models import LeNet, reinitialise, torchvision_classifier
+from .models import ConvNet, LeNet, reinitialise, torchvision_classifier
 from .threat_models import FedAvgClient, FedSGDClient, ThreatModelVictim
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "ThreatModelVictim",
     "TopKPruning",
     "GroundTruth",
+    "ConvNet",
     "LeNet",
     "ObservationFileVictim",
     "TensorBatchVictim",

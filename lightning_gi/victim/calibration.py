@@ -63,14 +63,22 @@ def bn_calibrated_classifier(
     crops_per_photo: int = 6,
     calibration_seed: int = 7,
 ) -> nn.Module:
-    """A torchvision classifier (random init drawn from ``seed``) whose BN statistics come from public images.
+    """A torchvision classifier (or ``name="convnet"``: :class:`~lightning_gi.victim.models.ConvNet` with
+    BatchNorm), random init drawn from ``seed``, whose BN statistics come from public images.
 
     The calibration images are ``crops_per_photo`` random crops of each bundled PUBLIC photograph
     (``calibration_seed``), normalised with ``mean``/``std`` (default ImageNet's; use the victim
     DataModule's values). With ``weights_path`` the file is loaded and no calibration happens.
     Returned in eval mode.
     """
-    model = torchvision_classifier(name, num_classes=num_classes, weights_path=weights_path)
+    if name == "convnet":  # the offline demos' small victim, with BatchNorm
+        from .models import ConvNet, load_weights
+
+        model = ConvNet(num_classes=num_classes, image_size=image_size, norm="batch")
+        if weights_path is not None:
+            load_weights(model, weights_path)
+    else:
+        model = torchvision_classifier(name, num_classes=num_classes, weights_path=weights_path)
     if weights_path is None:
         reinitialise(model, seed)
         images = calibration_images(image_size, crops_per_photo, calibration_seed)

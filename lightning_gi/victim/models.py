@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from typing import Any, Callable, Optional
+from typing import Literal, Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -49,6 +49,60 @@ class LeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x).flatten(1))
+
+
+class ConvNet(nn.Module):
+    """A small ReLU ConvNet (the kind of victim Inverting Gradients, Geiping et al. 2020, also attacks).
+
+    ``depth`` blocks of 3x3 convolution + ReLU; every block after the first halves the resolution (stride 2)
+    and doubles the width, then a linear head on the flattened feature map (``head="flatten"``, which needs
+    ``image_size``) or on its global average (``head="pool"``); ``norm="batch"`` adds BatchNorm after each
+    convolution (for the BN-statistics prior of GradInversion). A flattened head's weight gradient is the
+    feature map times the output error, so it leaks far more than a pooled one. PyTorch's default initialisation
+    (kaiming-uniform), so ``model_seed`` re-draws it exactly as the constructor would. Small enough that an
+    inversion runs thousands of steps on a CPU in minutes, which makes it the offline demos' untrained victim.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 32,
+        depth: int = 3,
+        head: Literal["flatten", "pool"] = "flatten",
+        image_size: int = 32,
+        norm: Literal["none", "batch"] = "none",
+    ) -> None:
+        super().__init__()
+        if depth < 1 or width < 1:
+            raise ValueError(f"ConvNet needs depth >= 1 and width >= 1, got depth={depth}, width={width}")
+        if head not in ("flatten", "pool"):
+            raise ValueError(f"ConvNet head must be 'flatten' or 'pool', got {head!r}")
+        stride = 2 ** (depth - 1)
+        if head == "flatten" and image_size % stride:
+            raise ValueError(f"ConvNet with depth {depth} needs image_size divisible by {stride}, got {image_size}")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for k in range(depth):
+            out = width * 2**k
+            layers.append(nn.Conv2d(channels, out, kernel_size=3, padding=1, stride=1 if k == 0 else 2))
+            if norm == "batch":
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(nn.ReLU())
+            channels = out
+        self.body = nn.Sequential(*layers)
+        self.head = head
+        features = channels * (image_size // stride) ** 2 if head == "flatten" else channels
+        self.fc = nn.Linear(features, num_classes)
+        if type(self) is ConvNet:
+            remember_builder(
+                self, ConvNet, num_classes=num_classes, in_channels=in_channels, width=width, depth=depth,
+                head=head, image_size=image_size, norm=norm,
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        return self.fc(h.flatten(1) if self.head == "flatten" else h.mean(dim=(-2, -1)))
 
 
 _BUILDER_ATTR = "_lightning_gi_builder"
