@@ -165,3 +165,70 @@ def test_registry_lists_public_variants_and_configs():
     assert s(torch.randn(1, 8)).shape == (1, 3, 8, 8)
     with pytest.raises(MissingCheckpointError, match="checkpoints/README.md"):
         create_generator("dcgan_photos32", checkpoint_path="no_such_generator_file.pt")
+
+
+# ---------------------------------------------------------------- project-trained priors: PUBLIC pool only
+def _rows(x: torch.Tensor) -> set[bytes]:
+    return {img.contiguous().numpy().tobytes() for img in x}
+
+
+@pytest.mark.parametrize("dataset", ["digits", "photographs"])
+def test_prior_training_set_shares_no_image_with_the_private_pool(dataset):
+    """GIAS's threat model: the generator is fitted to public data, disjoint from the attacked images."""
+    from lightning_gi.generators.train_dcgan import public_training_set
+    from lightning_gi.victim.data import BundledDigits, BundledPhotographs
+
+    train = public_training_set(dataset, image_size=32, crops_per_photo=8, crop_seed=1)
+    if dataset == "digits":
+        private = [BundledDigits(image_size=32, channels=1, pool="private").images]
+        assert len(train) == len(BundledDigits(image_size=32, channels=1, pool="public"))  # the whole public pool
+    else:
+        # the crops victims' batches are cut from (seed 0, the configs') and the crop seed the prior uses
+        private = [BundledPhotographs(image_size=32, channels=3, crops_per_photo=8, seed=s).images for s in (0, 1)]
+        assert len(train) == 2 * 8 * len(BundledPhotographs(image_size=32, crops_per_photo=1, pool="public"))
+        from lightning_gi.generators.train_dcgan import photographs_training_set  # the older name, same pool
+
+        assert not (_rows(photographs_training_set(32, crops_per_photo=8, crop_seed=1)) & set().union(*(_rows(p) for p in private)))
+    assert train.min() >= 0 and train.max() <= 1 and len(train) > 100
+    private_rows = set().union(*(_rows(p) for p in private))
+    assert not (_rows(train) & private_rows), "a generator training image is a private (attacked) image"
+
+
+def test_prior_registry_entries_are_trainable_and_public():
+    from lightning_gi.generators.train_dcgan import prior_recipe
+
+    digits = get_generator_config("dcgan_digits32")
+    assert digits.file == "dcgan_digits32.pt" and "PUBLIC" in digits.dataset
+    assert prior_recipe("dcgan_digits32")["dataset"] == "digits" and digits.kwargs["img_channels"] == 1
+    photos = get_generator_config("dcgan_photos32")
+    # the file name changed with the move to the public pool: an old file fitted to attacked photographs is not reused
+    assert photos.file != "dcgan_photos32.pt" and "PUBLIC" in photos.dataset
+    with pytest.raises(ValueError, match="not trained by train_dcgan"):
+        prior_recipe("stylegan2_ffhq256")
+
+
+def test_train_dcgan_shows_progress_on_stderr(capsys):
+    from lightning_gi.generators.train_dcgan import fit_generator_glo, public_training_set
+
+    torch.manual_seed(0)
+    g = DCGANGenerator(32, z_dim=8, ngf=4, img_channels=1)
+    stats = fit_generator_glo(g, public_training_set("digits")[:32], steps=4, batch_size=8, progress_every_s=0.0)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("[train_dcgan] step")]
+    assert len(lines) == 4 and "step 4/4" in lines[-1]  # throttle 0 s: one line per step
+    assert "loss" in lines[-1] and "ETA" in lines[-1] and "elapsed" in lines[-1]
+    assert "done in" in err and math.isfinite(stats["psnr"])
+    fit_generator_glo(g, public_training_set("digits")[:32], steps=3, batch_size=8, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_train_dcgan_module_entry_point_writes_a_loadable_prior(tmp_path, capsys):
+    """``python -m lightning_gi.generators.train_dcgan`` stays runnable (main() with a tiny budget)."""
+    from lightning_gi.generators.train_dcgan import main
+
+    out = tmp_path / "dcgan_digits32.pt"
+    main(["--dataset", "digits", "--out", str(out), "--steps", "3", "--ngf", "4"])
+    captured = capsys.readouterr()
+    assert "step 3/3" in captured.err and "wrote" in captured.out
+    g = create_generator("dcgan_digits32", checkpoint_path=str(out))
+    assert g(torch.randn(2, g.z_dim)).shape == (2, 1, 32, 32) and g.ngf == 4

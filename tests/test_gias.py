@@ -349,3 +349,59 @@ def test_giml_authors_defaults():
     assert ms._scheduler(opt, 8) is None
     with pytest.raises(ValueError, match="latent_penalty"):
         GIML("dcgan32", generator_kwargs=dict(z_dim=8, ngf=4), generator_out=None, latent_penalty="l1")
+
+
+# ---------------------------------------------------------------- the CPU demo: public prior, runs, progress
+def _short_demo(tmp_path: Path, max_steps: int) -> Path:
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs/gias_dcgan_demo.yaml").read_text())
+    cfg["trainer"].update(max_steps=max_steps, enable_progress_bar=False, logger=False, default_root_dir=str(tmp_path))
+    out = tmp_path / "demo.yaml"
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+def test_demo_config_prior_is_the_public_digits_prior():
+    """The demo attacks PRIVATE digits with a prior fitted to the disjoint PUBLIC digits (same distribution)."""
+    import yaml
+
+    from lightning_gi.generators import get_generator_config
+    from lightning_gi.generators.train_dcgan import prior_recipe
+
+    cfg = yaml.safe_load((ROOT / "configs/gias_dcgan_demo.yaml").read_text())
+    gen = get_generator_config(cfg["model"]["init_args"]["generator"])
+    data = cfg["data"]["init_args"]
+    assert prior_recipe(gen.name)["dataset"] == data["dataset"] == "digits"
+    assert gen.kwargs["img_channels"] == data["image_shape"][0] and gen.resolution == data["image_shape"][1]
+
+
+def test_demo_config_runs_a_few_steps_with_a_public_prior(tmp_path, monkeypatch):
+    from lightning_gi.cli import run
+    from lightning_gi.generators.train_dcgan import train_digits_generator
+
+    train_digits_generator(str(tmp_path / "dcgan_digits32.pt"), steps=3, ngf=4, progress=False)
+    monkeypatch.setenv("LIGHTNING_GI_CHECKPOINTS", str(tmp_path))
+    cli = run(["fit", "--config", str(_short_demo(tmp_path, 3))])
+    attack = cli.model
+    assert attack.generator.ngf == 4 and attack.step_count == 3  # the prepared public prior, not a new fit
+    rec = attack.reconstruction()
+    assert rec["images"].shape == (4, 1, 32, 32) and torch.isfinite(rec["images"]).all()
+
+
+@pytest.mark.slow
+def test_demo_fits_its_prior_on_first_use_with_progress_on_stderr(tmp_path, monkeypatch, capfd):
+    """Item 8 of issue 14: the generator fit (the demo's longest phase) reports step/loss/ETA on stderr."""
+    from lightning_gi.cli import run
+
+    from lightning_gi.checkpoints import find_checkpoint
+
+    monkeypatch.chdir(tmp_path)  # the fitted file goes to ./checkpoints/ of the working directory
+    monkeypatch.delenv("LIGHTNING_GI_CHECKPOINTS", raising=False)
+    if find_checkpoint("dcgan_digits32.pt") is not None:
+        pytest.skip("a dcgan_digits32.pt is installed: nothing to fit")
+    cli = run(["fit", "--config", str(_short_demo(tmp_path, 1))])
+    err = capfd.readouterr().err
+    assert "[train_dcgan] step 600/600" in err and "ETA" in err and "public images" in err
+    assert (tmp_path / "checkpoints" / "dcgan_digits32.pt").is_file()
+    assert cli.model.step_count == 1 and cli.model.generator.img_channels == 1

@@ -65,21 +65,31 @@ def build_generator(
     generator_kwargs: Optional[dict[str, Any]] = None,
     train_if_missing: bool = False,
 ) -> nn.Module:
-    """A generator module from a registry name (+ file) or as given; trains ``dcgan_photos32`` when asked."""
+    """A generator module from a registry name (+ file) or as given.
+
+    ``train_if_missing``: a project-trained prior (``dcgan_digits32``, ``dcgan_photos32``: registry entries with a
+    training recipe) whose file is absent is fitted first, on the PUBLIC pool only (:mod:`..generators.train_dcgan`).
+    """
     if isinstance(generator, nn.Module):
         return generator
-    from ..generators.registry import create_generator, get_generator_config
+    from ..generators.registry import create_generator, get_generator_config, list_generators
 
     cfg = get_generator_config(generator)
     wanted = checkpoint_path or (cfg.file if pretrained else None)
     if wanted is not None and find_checkpoint(wanted) is None and train_if_missing:
-        if cfg.architecture != "dcgan" or not cfg.name.startswith("dcgan_photos"):
-            raise ValueError(f"train_generator_if_missing only applies to the dcgan_photos* generators, not {generator!r}")
-        from ..generators.train_dcgan import train_photos_generator
+        recipe = cfg.extra.get("recipe")
+        if recipe is None:
+            trainable = [n for n in list_generators() if get_generator_config(n).extra.get("recipe")]
+            raise ValueError(f"train_generator_if_missing only applies to the generators trained here ({', '.join(trainable)}), not {generator!r}")
+        from ..generators.train_dcgan import train_prior_generator
 
         out = Path(wanted) if (Path(wanted).is_absolute() or len(Path(wanted).parts) > 1) else Path("checkpoints") / wanted
-        warnings.warn(f"generator file {wanted} not found: training it now (python -m lightning_gi.generators.train_dcgan --out {out})")
-        train_photos_generator(out=str(out), **(generator_kwargs or {}))
+        dataset = recipe.get("dataset")
+        warnings.warn(
+            f"generator file {wanted} not found: fitting it now to the PUBLIC {dataset} (progress on stderr; "
+            f"beforehand: python -m lightning_gi.generators.train_dcgan --dataset {dataset} --out {out})"
+        )
+        train_prior_generator(out=str(out), name=cfg.name, **{**recipe, **(generator_kwargs or {})})
         wanted = str(out)
     return create_generator(generator, pretrained=pretrained and checkpoint_path is None and wanted == cfg.file, checkpoint_path=wanted, **(generator_kwargs or {}))
 
@@ -155,12 +165,13 @@ class GIAS(GradientInversionAttack):
     """GIAS: latent search (z / w / w+, parallel restarts), then per-image generator parameter search.
 
     Args:
-        generator: a registry name (``"dcgan_photos32"``, ``"stylegan2_imagenet64"``, ... see
+        generator: a registry name (``"dcgan_digits32"``, ``"dcgan_photos32"``, ``"stylegan2_imagenet64"``, ... see
             :func:`lightning_gi.generators.list_generators`) or a generator module (Python use).
         pretrained: load the variant's expected file (``checkpoints/README.md``).
         checkpoint_path: an explicit generator file (``.pkl`` official StyleGAN2-ADA, ``.pt``/``.ckpt``/``.safetensors``).
         generator_kwargs: constructor overrides for the variant.
-        train_generator_if_missing: for ``dcgan_photos*`` only: train the file (about a minute) when absent.
+        train_generator_if_missing: for the priors trained here (``dcgan_digits32``, ``dcgan_photos32``): fit the
+            file on the PUBLIC pool when absent (progress on stderr; ~30 s CPU for ``dcgan_digits32``).
         latent_space: ``"z"``, ``"w"`` or ``"w+"`` (the last two StyleGAN2 only).
         latent_steps, param_steps: length of each phase (``param_steps=0``: latent search only, "GI-z").
         latent_lr, param_lr: Adam learning rates of the two phases (paper: 3e-2 and 1e-3).

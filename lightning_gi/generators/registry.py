@@ -151,7 +151,23 @@ register_generator(
     )
 )
 
-# ---- generators produced by this project (train_dcgan / GIML); files hold their own spec
+# ---- generators produced by this project (train_dcgan / GIML); files hold their own spec.
+# The dcgan_* priors below are fitted to the PUBLIC pool of the bundled data only (lightning_gi.victim.data),
+# disjoint from the images victims' batches are cut from; extra["recipe"] is how train_dcgan makes the file.
+register_generator(
+    GeneratorConfig(
+        "dcgan_digits32",
+        "dcgan",
+        dict(resolution=32, z_dim=32, ngf=16, img_channels=1),
+        32,
+        32,
+        file="dcgan_digits32.pt",
+        source="python -m lightning_gi.generators.train_dcgan --dataset digits --out checkpoints/dcgan_digits32.pt (about 30 s on one CPU thread)",
+        dataset="scikit-learn digits, PUBLIC pool (index 4 mod 5; disjoint from the attacked digits), 32x32 grey",
+        notes="DCGAN fitted by latent optimisation to the public digits; the GIAS demo generator (same distribution as the private digits, disjoint samples)",
+        extra={"recipe": {"dataset": "digits", "image_size": 32, "channels": 1, "z_dim": 32, "ngf": 16, "steps": 600, "batch_size": 64}},
+    )
+)
 register_generator(
     GeneratorConfig(
         "dcgan_photos32",
@@ -159,10 +175,13 @@ register_generator(
         dict(resolution=32, z_dim=64, ngf=32),
         32,
         64,
-        file="dcgan_photos32.pt",
-        source="python -m lightning_gi.generators.train_dcgan --out checkpoints/dcgan_photos32.pt (about 1 min on CPU)",
-        dataset="bundled photographs (scikit-learn/scikit-image), random crops, 32x32",
-        notes="DCGAN fitted to the offline photographs (latent-optimisation training); the GIAS demo generator",
+        file="dcgan_photos32_public.pt",
+        source="python -m lightning_gi.generators.train_dcgan --dataset photographs --out checkpoints/dcgan_photos32_public.pt (about 2-3 min on one CPU thread)",
+        dataset="bundled photographs, PUBLIC pool (textures, microscopy, astronomy), random crops + mirror images, 32x32",
+        notes="DCGAN fitted by latent optimisation to the public photographs: a prior from ANOTHER distribution than the "
+        "private photographs (mismatched-prior studies). The file name changed when the prior moved to the public pool, "
+        "so an old dcgan_photos32.pt (fitted to crops of the attacked photographs) is never picked up",
+        extra={"recipe": {"dataset": "photographs", "image_size": 32, "channels": 3, "z_dim": 64, "ngf": 32, "steps": 800, "batch_size": 64}},
     )
 )
 register_generator(
