@@ -34,18 +34,32 @@ def _ig(**kw):
     )
 
 
-def _fit(attack, steps, kw):
+class _StepHook(pl.Callback):
+    """A callback hooked on the optimiser step: multi-step calls then go through Lightning's wrappers."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.calls += 1
+
+
+def _fit(attack, steps, kw, callbacks=()):
     model, images, labels = _lenet_case()
-    pl.Trainer(max_steps=steps, **kw).fit(attack, TensorBatchVictim(model, images, labels, share_labels=True))
+    pl.Trainer(max_steps=steps, callbacks=list(callbacks), **kw).fit(attack, TensorBatchVictim(model, images, labels, share_labels=True))
     return attack
 
 
-@pytest.mark.parametrize("k", [4, 5])
-def test_multi_step_per_call_equals_one_step_per_call(lean_trainer_kwargs, k):
-    """Signed Adam, box, MultiStepLR milestones, 2 restarts: 12 steps as 12 calls == as ceil(12/k) calls."""
+@pytest.mark.parametrize("k,hooked", [(4, False), (5, True)])
+def test_multi_step_per_call_equals_one_step_per_call(lean_trainer_kwargs, k, hooked):
+    """Signed Adam, box, MultiStepLR milestones, 2 restarts: 12 steps as 12 calls == as ceil(12/k) calls, on the
+    direct path and (a callback hooked on the optimiser step) through Lightning's optimiser wrapper."""
     one = _fit(_ig(), 12, lean_trainer_kwargs)
-    many = _fit(_ig(steps_per_call=k), 12, lean_trainer_kwargs)
+    hook = _StepHook()
+    many = _fit(_ig(steps_per_call=k), 12, lean_trainer_kwargs, [hook] if hooked else [])
     assert many.trainer.global_step == 12
+    assert many._direct_steps[1] is (not hooked)
+    assert hook.calls == (12 if hooked else 0)
     torch.testing.assert_close(many.dummy_images.detach(), one.dummy_images.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(many.restart_best_loss, one.restart_best_loss, rtol=1e-5, atol=1e-7)
     lr_one = one.trainer.optimizers[0].param_groups[0]["lr"]

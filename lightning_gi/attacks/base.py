@@ -336,27 +336,61 @@ class GradientInversionAttack(pl.LightningModule):
     def multi_step(self) -> Tensor:
         """``steps_per_call`` optimiser steps in one ``training_step`` (manual optimisation), each exactly the
         step automatic optimisation would take: zero_grad, objective, best-iterate update (on device),
-        backward w.r.t. the unknowns, the optimiser step (Lightning's hooks, e.g. signed gradients, run inside
-        it), :meth:`after_optimizer_step` (e.g. the box), and the scheduler's per-step update. No host sync."""
-        opt = self.optimizers()
-        if isinstance(getattr(opt, "optimizer", opt), torch.optim.LBFGS):
+        backward w.r.t. the unknowns, ``on_before_optimizer_step`` (e.g. signed gradients), the optimiser step,
+        :meth:`after_optimizer_step` (e.g. the box), and the scheduler's per-step update. No host sync.
+
+        When nothing else needs Lightning's per-step machinery (32-bit precision on one device, no callback
+        hooked on backward or the optimiser step) the inner steps call the optimiser directly and only count
+        the step for ``trainer.global_step``; otherwise they go through ``manual_backward`` and Lightning's
+        optimiser wrapper, which call every hook."""
+        lopt = self.optimizers()
+        raw = getattr(lopt, "optimizer", lopt)
+        if isinstance(raw, torch.optim.LBFGS):
             raise ValueError("steps_per_call > 1 needs a first-order optimiser; L-BFGS runs one step per call (steps_per_call: 1)")
         sched = self.lr_schedulers()
         k = self.steps_this_call()
         log = self._should_log(self.steps_per_call)
+        fast = self._direct_steps_allowed()
         loss = None
         for i in range(k):
-            opt.zero_grad(set_to_none=True)
+            raw.zero_grad(set_to_none=True)
             loss, distance, images, terms = self.objective()
             self.update_best(distance.detach(), images.detach())
             if log and i == 0:
                 self.log_step(distance.detach(), terms)
-            self.manual_backward(loss)
-            opt.step()
+            if fast:
+                self.backward(loss)
+                lopt._on_before_step()  # counts the step (trainer.global_step)
+                self.on_before_optimizer_step(raw)
+                raw.step()
+                lopt._on_after_step()
+            else:
+                self.manual_backward(loss)
+                lopt.step()
             self.after_optimizer_step()
             if sched is not None:
                 sched.step()
         return loss.detach()
+
+    def _direct_steps_allowed(self) -> bool:
+        cached = getattr(self, "_direct_steps", None)
+        if cached is not None and cached[0] == id(self.trainer):
+            return cached[1]
+        from pytorch_lightning.plugins.precision import Precision
+        from pytorch_lightning.strategies import SingleDeviceStrategy
+        from pytorch_lightning.utilities.model_helpers import is_overridden
+
+        trainer = self.trainer
+        hooks = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+        ok = (
+            type(trainer.precision_plugin) is Precision
+            and isinstance(trainer.strategy, SingleDeviceStrategy)
+            and not any(is_overridden(h, cb, pl.Callback) for cb in trainer.callbacks for h in hooks)
+            and not any(is_overridden(h, self, GradientInversionAttack) for h in ("on_before_backward", "on_after_backward"))
+            and hasattr(self.optimizers(), "_on_before_step")
+        )
+        self._direct_steps = (id(trainer), ok)
+        return ok
 
     def after_optimizer_step(self) -> None:
         """Called after every optimiser step (automatic and manual); e.g. projections of the unknowns."""

@@ -426,6 +426,11 @@ def _prepared_terms(target: Sequence[Tensor], weights: Weights, masks: Masks) ->
     return out
 
 
+def _is_one(w: float | Tensor) -> bool:
+    """A Python weight of exactly 1 (multiplying by it is the identity, so it is skipped: same value, fewer ops)."""
+    return not isinstance(w, Tensor) and float(w) == 1.0
+
+
 def _check_dummy(dummy: Sequence[Tensor], target: Sequence[Tensor]) -> None:
     if len(dummy) != len(target):
         raise ValueError(f"gradient lists differ in length: {len(dummy)} vs {len(target)}")
@@ -449,7 +454,8 @@ def prepare_distance(distance: object, target: Sequence[Tensor], weights: Weight
                 diff = dummy[i] - b
                 if m is not None:
                     diff = diff * m
-                total = total + w * diff.pow(2).sum()
+                sq = diff.pow(2).sum()
+                total = total + (sq if _is_one(w) else w * sq)
             return total
 
         return prepared_l2
@@ -472,8 +478,10 @@ def prepare_distance(distance: object, target: Sequence[Tensor], weights: Weight
                 if dummy[i].shape != b.shape:
                     raise ValueError(f"gradient {i}: dummy shape {tuple(dummy[i].shape)} != target shape {tuple(b.shape)}")
                 am = dummy[i] if m is None else dummy[i] * m
-                dot = dot + w * (am * bm).sum()
-                norm_a = norm_a + w * am.pow(2).sum()
+                d, n = (am * bm).sum(), am.pow(2).sum()
+                one = _is_one(w)
+                dot = dot + (d if one else w * d)
+                norm_a = norm_a + (n if one else w * n)
             return 1.0 - dot / (_safe_sqrt(norm_a).clamp_min(eps) * denom_b)
 
         return prepared_cosine

@@ -1,0 +1,380 @@
+"""Issue-17 bars: our attack loop vs a plain PyTorch loop of the same math, alternating A/B in one process.
+
+The plain loop is the floor any framework must meet: it differentiates only with respect to the dummies
+(``torch.autograd.grad(objective, [dummies])``), has no Trainer, no hooks, no logging, no best-iterate
+bookkeeping. Ours runs through a lean ``pl.Trainer`` (no logger, no progress bar, no guard) and is timed from
+the first ``training_step`` to the last (setup and end-of-run reports excluded). Every case alternates plain
+and ours ``--pairs`` times from the same initial dummies; the ratio reported is ours_it_per_s / plain_it_per_s
+(higher is better, 1.0 = no framework cost) with its median, min and max over the pairs.
+
+Cases (CPU suite, the default):
+  lenet_idlg_lbfgs        sigmoid LeNet 32x32 batch 1, squared L2, L-BFGS (lr 1, 20 inner iterations)
+  lenet_adam              same victim and distance, Adam lr 0.1 (ours: steps_per_call 1 and 10)
+  lenet_signed_adam       same, Adam on the sign of the gradient (ours: steps_per_call 1 and 10)
+  resnet18_ig_b8          Inverting Gradients on ResNet-18 32x32 batch 8: cosine + TV 1e-4, signed Adam,
+                          box, MultiStepLR at 3/8, 5/8, 7/8 (eager)
+  restarts_r8_lenet       R=8 restarts, IG objective on LeNet 32x32: restart_mode auto vs sequential
+                          (and vectorised, for information)
+
+The GPU suite (``--suite gpu``, run by benchmarks/gpu_suite.sh) times larger cases per device with peak memory
+(see that script); ``--smoke`` shrinks every size so that the whole suite runs on a CPU in seconds.
+
+    OMP_NUM_THREADS=1 python benchmarks/speed.py [--pairs 3] [--scale 1.0] [--out speed]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def setup_threads() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    try:
+        env["load_average"] = list(os.getloadavg())
+    except OSError:
+        pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def write(name: str, settings: dict[str, Any], device: torch.device, results: list[dict[str, Any]]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"benchmark": name, "settings": settings, "environment": environment(device), "results": results}
+    path.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "pairs": values}
+
+
+def target_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    params = list(model.parameters())
+    loss = nn.functional.cross_entropy(model(images), labels)
+    return [g.detach() for g in torch.autograd.grad(loss, params)]
+
+
+def l2_match(grads, targets):
+    return sum(((g - t) ** 2).sum() for g, t in zip(grads, targets))
+
+
+def cosine_match(target_sq_norm):
+    def match(grads, targets):
+        dot = sum((g * t).sum() for g, t in zip(grads, targets))
+        norm = sum(g.pow(2).sum() for g in grads)
+        return 1.0 - dot / (norm.sqrt() * target_sq_norm.sqrt())
+
+    return match
+
+
+# ----------------------------------------------------------------------------------------------------- plain loop
+def plain_loop(
+    model: nn.Module,
+    labels: torch.Tensor,
+    targets: list[torch.Tensor],
+    init: torch.Tensor,
+    steps: int,
+    make_opt: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    match: Callable,
+    prior: Optional[nn.Module] = None,
+    signed: bool = False,
+    box: Optional[tuple[float, float]] = None,
+    milestones: Optional[list[int]] = None,
+    device: torch.device = torch.device("cpu"),
+) -> tuple[float, torch.Tensor]:
+    """Seconds for ``steps`` optimiser steps of the same math, and the final dummies."""
+    params = list(model.parameters())
+    dummy = init.clone().requires_grad_(True)
+    opt = make_opt([dummy])
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1) if milestones else None
+    lbfgs = isinstance(opt, torch.optim.LBFGS)
+
+    def closure():
+        opt.zero_grad()
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(dummy), labels), params, create_graph=True)
+        obj = match(grads, targets)
+        if prior is not None:
+            obj = obj + prior.weight * prior(dummy)
+        (g,) = torch.autograd.grad(obj, [dummy])
+        dummy.grad = g.sign() if signed else g
+        return obj
+
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        if lbfgs:
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+        if box is not None:
+            with torch.no_grad():
+                dummy.clamp_(*box)
+        if sched is not None:
+            sched.step()
+    sync(device)
+    return time.perf_counter() - t0, dummy.detach()
+
+
+# ----------------------------------------------------------------------------------------------------- our loop
+class LoopTimer:
+    """A Lightning callback (built lazily): wall time from the first training batch to the last."""
+
+    @staticmethod
+    def make(device: torch.device):
+        import pytorch_lightning as pl
+
+        class _Timer(pl.Callback):
+            def __init__(self) -> None:
+                self.start: Optional[float] = None
+                self.seconds = 0.0
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if self.start is None:
+                    sync(device)
+                    self.start = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                sync(device)
+                self.seconds = time.perf_counter() - self.start
+
+        return _Timer()
+
+
+def our_loop(attack, model, images, labels, steps: int, device: torch.device) -> tuple[float, torch.Tensor, Any]:
+    import pytorch_lightning as pl
+
+    from lightning_gi.victim import TensorBatchVictim
+
+    timer = LoopTimer.make(device)
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator=accelerator, devices=1, default_root_dir=tmp, callbacks=[timer],
+        )
+        trainer.fit(attack, TensorBatchVictim(model, images.cpu(), labels.cpu(), share_labels=True))
+    dummies = attack.dummy_images.detach()
+    return timer.seconds, dummies.reshape(-1, *dummies.shape[-3:])[: images.shape[0]], attack
+
+
+# ----------------------------------------------------------------------------------------------------- cases
+def lenet_victim(size: int, device: torch.device):
+    from lightning_gi.victim import LeNet
+
+    torch.manual_seed(0)
+    model = LeNet(num_classes=10, image_size=size).to(device).eval()
+    images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    return model, images, torch.tensor([3], device=device)
+
+
+def resnet_victim(arch: str, size: int, batch: int, device: torch.device, classes: int = 10):
+    from lightning_gi.victim import torchvision_classifier
+
+    torch.manual_seed(0)
+    model = torchvision_classifier(arch, num_classes=classes).to(device).eval()
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    labels = (torch.arange(batch) % classes).to(device)
+    return model, images, labels
+
+
+def alternate(name: str, pairs: int, plain: Callable[[int], tuple[float, torch.Tensor]], ours: dict[str, Callable[[int], tuple[float, torch.Tensor]]],
+              steps: int, bar: Optional[float] = None) -> dict[str, Any]:
+    """Alternate plain and every variant of ours ``pairs`` times; ratios per pair."""
+    plain_t: list[float] = []
+    ours_t: dict[str, list[float]] = {k: [] for k in ours}
+    diffs: dict[str, float] = {}
+    for r in range(pairs):
+        t_p, x_p = plain(r)
+        plain_t.append(t_p)
+        for k, fn in ours.items():
+            t_o, x_o = fn(r)
+            ours_t[k].append(t_o)
+            diffs[k] = max(diffs.get(k, 0.0), float((x_o.float().cpu() - x_p.float().cpu()).abs().max()))
+        print(f"{name} pair {r}: plain {steps / t_p:.2f} it/s; " + ", ".join(f"{k} {steps / v[-1]:.2f}" for k, v in ours_t.items()), flush=True)
+    out: dict[str, Any] = {
+        "case": name,
+        "steps": steps,
+        "pairs": pairs,
+        "plain_ms_per_step": 1000 * statistics.median(plain_t) / steps,
+        "variants": {},
+    }
+    for k, ts in ours_t.items():
+        ratios = [p / o for p, o in zip(plain_t, ts)]
+        out["variants"][k] = {
+            "ms_per_step": 1000 * statistics.median(ts) / steps,
+            "ratio_vs_plain": spread(ratios),
+            "max_abs_diff_final_dummies_vs_plain": diffs[k],
+        }
+        if bar is not None:
+            out["variants"][k]["bar"] = bar
+            out["variants"][k]["meets_bar"] = statistics.median(ratios) >= bar
+    return out
+
+
+def cpu_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from lightning_gi.attacks import IDLG, ImagePriorAttack, InvertingGradients
+    from lightning_gi.attacks.image_prior import milestones_from_fractions
+    from lightning_gi.labels import SharedLabels
+    from lightning_gi.objectives import CosineDistance, SquaredL2Distance
+    from lightning_gi.objectives.priors import TotalVariation
+
+    device = torch.device("cpu")
+    scale = args.scale
+    results = []
+    seed_init = lambda shape, r: torch.randn(shape, generator=torch.Generator().manual_seed(r))  # noqa: E731
+    only = set(args.cases.split(",")) if args.cases else None
+
+    def want(name: str) -> bool:
+        return only is None or name in only
+
+    # LeNet, iDLG L-BFGS ------------------------------------------------------------------------------------
+    model, images, labels = lenet_victim(32, device)
+    targets = target_gradients(model, images, labels)
+    lbfgs = lambda p: torch.optim.LBFGS(p, lr=1.0, max_iter=20, history_size=100)  # noqa: E731
+    adam = lambda p: torch.optim.Adam(p, lr=0.1)  # noqa: E731
+    if want("lenet_idlg_lbfgs"):
+        steps = max(2, int(8 * scale))
+        results.append(alternate(
+            "lenet_idlg_lbfgs", args.pairs,
+            lambda r: plain_loop(model, labels, targets, seed_init(images.shape, r), steps, lbfgs, l2_match),
+            {"ours": lambda r: our_loop(IDLG(optimizer=lbfgs, seed=r, label_strategy=SharedLabels()), model, images, labels, steps, device)[:2]},
+            steps, bar=0.95,
+        ))
+    for signed in (False, True):
+        name = "lenet_signed_adam" if signed else "lenet_adam"
+        if not want(name):
+            continue
+        steps = max(20, int(200 * scale))
+
+        def ours_fn(k: int, signed: bool = signed):
+            return lambda r: our_loop(
+                ImagePriorAttack(optimizer=adam, seed=r, label_strategy=SharedLabels(), distance=SquaredL2Distance(),
+                                 priors=[], signed_gradients=signed, steps_per_call=k),
+                model, images, labels, steps, device)[:2]
+
+        results.append(alternate(
+            name, args.pairs,
+            lambda r, signed=signed: plain_loop(model, labels, targets, seed_init(images.shape, r), steps, adam, l2_match, signed=signed),
+            {"ours_steps_per_call_1": ours_fn(1), "ours_steps_per_call_10": ours_fn(10)},
+            steps, bar=0.9,
+        ))
+
+    # ResNet-18 32x32 batch 8, Inverting Gradients ------------------------------------------------------------
+    if want("resnet18_ig_b8"):
+        steps = max(2, int(4 * scale))
+        rmodel, rimages, rlabels = resnet_victim("resnet18", 32, 8, device)
+        rtargets = target_gradients(rmodel, rimages, rlabels)
+        tsq = sum(t.pow(2).sum() for t in rtargets)
+        milestones = milestones_from_fractions([3 / 8, 5 / 8, 7 / 8], steps)
+        tv = TotalVariation(weight=1e-4)
+        results.append(alternate(
+            "resnet18_ig_b8", args.pairs,
+            lambda r: plain_loop(rmodel, rlabels, rtargets, seed_init(rimages.shape, r), steps, adam, cosine_match(tsq),
+                                 prior=tv, signed=True, box=(0.0, 1.0), milestones=milestones),
+            {"ours_eager": lambda r: our_loop(InvertingGradients(seed=r, label_strategy=SharedLabels(), distance=CosineDistance()),
+                                              rmodel, rimages, rlabels, steps, device)[:2]},
+            steps, bar=0.95,
+        ))
+
+    # R = 8 restarts on CPU: auto vs sequential (and vectorised) -------------------------------------------
+    if want("restarts_r8_lenet"):
+        results.append(restarts_case(model, images, labels, 8, max(3, int(10 * scale)), args.pairs, device))
+    return results
+
+
+def restarts_case(model, images, labels, restarts: int, steps: int, pairs: int, device: torch.device, name: str = "restarts_r8_lenet") -> dict[str, Any]:
+    """Seconds per step for restart_mode auto / sequential / vectorised, alternating; ratios vs sequential."""
+    from lightning_gi.attacks import InvertingGradients
+    from lightning_gi.labels import SharedLabels
+
+    times: dict[str, list[float]] = {"sequential": [], "auto": [], "vectorised": []}
+    chosen = None
+    for r in range(pairs):
+        for mode in times:
+            attack = InvertingGradients(seed=r, label_strategy=SharedLabels(), restarts=restarts, restart_mode=mode)
+            t, _, attack = our_loop(attack, model, images, labels, steps, device)
+            times[mode].append(t)
+            if mode == "auto":
+                chosen = "vectorised" if attack.vectorised_restarts else "sequential"
+        print(f"{name} pair {r}: " + ", ".join(f"{m} {1000 * v[-1] / steps:.1f} ms/step" for m, v in times.items()), flush=True)
+    out = {"case": name, "restarts": restarts, "steps": steps, "pairs": pairs, "device": str(device), "auto_chose": chosen, "variants": {}}
+    for mode, ts in times.items():
+        out["variants"][mode] = {
+            "ms_per_step": 1000 * statistics.median(ts) / steps,
+            "ratio_vs_sequential": spread([s / t for s, t in zip(times["sequential"], ts)]),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the step counts")
+    parser.add_argument("--cases", default="", help="comma-separated subset of case names")
+    parser.add_argument("--device", default=None, help="gpu suite: cuda (default when available) or cpu")
+    parser.add_argument("--smoke", action="store_true", help="gpu suite: tiny sizes, seconds on a CPU")
+    parser.add_argument("--out", default=None, help="results/<out>.json (default speed / speed_gpu / speed_smoke)")
+    args = parser.parse_args(argv)
+    if args.pairs < 1:
+        parser.error("--pairs must be >= 1")
+    setup_threads()
+    if args.suite == "cpu":
+        results = cpu_suite(args)
+        write(args.out or "speed", vars(args), torch.device("cpu"), results)
+    else:
+        from gpu_cases import gpu_suite  # noqa: WPS433  (benchmarks/gpu_cases.py)
+
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        results = gpu_suite(args, device)
+        write(args.out or ("speed_smoke" if args.smoke else "speed_gpu"), vars(args), device, results)
+
+
+if __name__ == "__main__":
+    main()
