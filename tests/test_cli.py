@@ -198,3 +198,31 @@ def test_console_script_exits_zero(tmp_path):
     repeated = {line for line in proc.stdout.splitlines() if line.strip()} & set(proc.stderr.splitlines())
     assert not repeated, repeated  # the end-of-run summary is printed once, on stdout with the log_dir line
     assert (tmp_path / "idlg_lenet" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_tools_are_subcommands_of_the_one_cli():
+    """Issue 13.5 / 14.6: giml, aux-stats and train-dcgan run as `lightning-gi <tool>` (one flag style), are
+    listed by `lightning-gi --help`, and GIML's config parses without the old `fit` word."""
+    from lightning_gi.cli import TOOLS
+
+    top = _run(["--help"])
+    for tool in ("giml", "aux-stats", "train-dcgan"):
+        assert tool in TOOLS and f"lightning-gi {tool}" in top
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as info:
+            main([tool, "--help"])
+        assert info.value.code == 0, err.getvalue()
+        assert f"lightning-gi {tool}" in out.getvalue()  # usage names the command the user typed
+    for argv in (["giml", "--config", "configs/giml/dcgan_photos.yaml"],
+                 ["giml", "fit", "--config", "configs/giml/dcgan_photos.yaml"]):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as info:
+            main([argv[0], *[str(ROOT / a) if a.endswith(".yaml") else a for a in argv[1:]], "--print_config"])
+        assert info.value.code == 0 and yaml.safe_load(out.getvalue())["model"]["latent_steps"] > 0
+
+
+def test_a_tool_refuses_an_unknown_flag_with_exit_2():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as info:
+        main(["aux-stats", "--out", "unused.pt", "--no-such-flag"])
+    assert info.value.code == 2 and "--no-such-flag" in err.getvalue()
