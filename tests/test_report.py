@@ -203,3 +203,17 @@ def test_lpips_hint_is_said_once_per_process(tmp_path, lean_trainer_kwargs, capl
         for _ in range(2):
             _fit(tmp_path, lean_trainer_kwargs, [ReconstructionReport(save_every_n_steps=0)], steps=1)
     assert caplog.text.count("LPIPS off: to enable it, put alexnet-owt-7be5be79.pth in") == 1
+
+
+def test_label_strategy_diagnostics_reach_metrics_json(tmp_path, lean_trainer_kwargs):
+    """Issue 12: which label rule ran and how well its count equation closed, next to the metrics."""
+    from lightning_gi.labels import AutoLabels
+
+    report = ReconstructionReport(save_every_n_steps=0)
+    attack = IDLG(optimizer=_adam, label_strategy=AutoLabels(image_size=16), seed=0)
+    pl.Trainer(max_steps=2, callbacks=[report], **lean_trainer_kwargs).fit(attack, _victim())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    diagnostics = metrics["label_diagnostics"]
+    assert diagnostics["chosen_strategy"] == "ilrg"  # LeNet's head has a bias
+    assert diagnostics["counts"] and sum(diagnostics["counts"].values() if isinstance(diagnostics["counts"], dict) else diagnostics["counts"]) == 4
+    assert sorted(metrics["recovered_labels"]) == sorted(TRUE_LABELS)

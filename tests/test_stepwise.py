@@ -7,7 +7,7 @@ from torch import nn
 from lightning_gi.attacks import StepwiseInversion
 from lightning_gi.attacks.stepwise import paper_callbacks, quantized_sign
 from lightning_gi.callbacks import GradientDropout, PriorSchedule, StepwiseGradientSchedule
-from lightning_gi.labels import EvolutionaryLabelCounts, SharedLabels
+from lightning_gi.labels import AutoLabels, EvolutionaryLabelCounts, SharedLabels
 from lightning_gi.objectives import BNStatisticsPrior, cosine_distance
 from lightning_gi.victim import TensorBatchVictim
 
@@ -100,7 +100,7 @@ def paper_run(tmp_path_factory):
     """The full recipe (default Stage I labels, the authors' three callbacks scaled to 150 steps) on the easy case."""
     cbs = paper_callbacks(total_steps=150, num_tensors=6)
     dm, model, images = easy_case()
-    attack = StepwiseInversion()  # default: EvolutionaryLabelCounts at the victim's geometry
+    attack = StepwiseInversion()  # default: AutoLabels (iLRG for a biased head, else Stage I's evolutionary search)
     trainer = pl.Trainer(max_steps=150, callbacks=cbs, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
                          default_root_dir=str(tmp_path_factory.mktemp("paper_run")))
@@ -122,7 +122,10 @@ def test_paper_callbacks_and_default_label_strategy(paper_run):
     assert isinstance(cbs[1], GradientDropout) and cbs[1].p == 0.3
     assert isinstance(cbs[2], PriorSchedule) and [s.step for s in cbs[2].switches] == [30, 50]
     assert [w for _, _, w in cbs[2].history] == [5e-3, 1e-4]
-    assert isinstance(attack.label_strategy, EvolutionaryLabelCounts) and attack.label_strategy.image_size == 8
+    assert isinstance(attack.label_strategy, AutoLabels) and attack.label_strategy.evolutionary.image_size == 8
+    head_has_bias = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].bias is not None
+    chosen = attack.label_strategy.diagnostics["chosen_strategy"]
+    assert chosen == ("ilrg" if head_has_bias else "evolutionary"), chosen
     # Stage I: the labels are the truth on this easy case
     assert sorted(attack.labels.tolist()) == TRUE_LABELS
     rec = attack.reconstruction()

@@ -27,7 +27,7 @@ import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..labels import EvolutionaryLabelCounts, LabelStrategy
+from ..labels import AutoLabels, LabelStrategy
 from ..objectives.distances import CosineDistance
 from ..objectives.priors import BNStatisticsPrior, TotalVariation
 from .image_prior import DistanceFn, ImagePriorAttack, _default_adam
@@ -67,7 +67,9 @@ class StepwiseInversion(ImagePriorAttack):
     Args (all have the authors' defaults):
         optimizer: Adam, lr 0.1.
         lr_scheduler / milestone_fractions / lr_gamma: step decay at 37.5/62.5/87.5 % with gamma 0.33.
-        label_strategy: None means :class:`~lightning_gi.labels.EvolutionaryLabelCounts` with auxiliary
+        label_strategy: None means :class:`~lightning_gi.labels.AutoLabels`: exact counts from the last layer's
+            bias gradient (iLRG, Ma et al. 2023) when the head has a bias, else Stage I's
+            :class:`~lightning_gi.labels.EvolutionaryLabelCounts` with auxiliary
             statistics computed on the victim from bundled photographs at the victim's image size and
             normalisation (pass one with ``stats_path`` to reuse a statistics file).
         distance: global cosine distance (:class:`CosineDistance`).
@@ -150,8 +152,8 @@ class StepwiseInversion(ImagePriorAttack):
         if self._default_labels:
             c, h, _ = self.inputs.image_shape
             if c != 3:
-                raise ValueError("the default EvolutionaryLabelCounts uses RGB auxiliary photographs: pass a label_strategy")
-            self.label_strategy = EvolutionaryLabelCounts(
+                raise ValueError("the default label strategy (AutoLabels) uses RGB auxiliary photographs: pass a label_strategy")
+            self.label_strategy = AutoLabels(
                 image_size=h, mean=self.inputs.mean.flatten().tolist(), std=self.inputs.std.flatten().tolist()
             )
             self._default_labels = False

@@ -174,6 +174,10 @@ class ReconstructionReport(pl.Callback):
             matching_distance=rec["matching_distance"],
             recovered_labels=rec["labels"].tolist(),
         )
+        strategy = getattr(pl_module, "label_strategy", None)
+        diagnostics = getattr(strategy, "diagnostics", None)
+        if isinstance(diagnostics, dict) and diagnostics:  # which label rule ran and how well its equations closed
+            metrics["label_diagnostics"] = diagnostics
         first = self._first_distance
         ratio = rec["matching_distance"] / first if first is not None and math.isfinite(first) and first > 0 else None
         metrics["distance_ratio"] = ratio
