@@ -171,7 +171,7 @@ class GIAS(GradientInversionAttack):
         checkpoint_path: an explicit generator file (``.pkl`` official StyleGAN2-ADA, ``.pt``/``.ckpt``/``.safetensors``).
         generator_kwargs: constructor overrides for the variant.
         train_generator_if_missing: for the priors trained here (``dcgan_digits32``, ``dcgan_photos32``): fit the
-            file on the PUBLIC pool when absent (progress on stderr; ~30 s CPU for ``dcgan_digits32``).
+            file on the PUBLIC pool when absent (progress on stderr; about 12 s of CPU on one thread for ``dcgan_digits32``).
         latent_space: ``"z"``, ``"w"`` or ``"w+"`` (the last two StyleGAN2 only).
         latent_steps, param_steps: length of each phase (``param_steps=0``: latent search only, "GI-z").
         latent_lr, param_lr: Adam learning rates of the two phases (paper: 3e-2 and 1e-3).

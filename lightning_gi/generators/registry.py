@@ -162,7 +162,7 @@ register_generator(
         32,
         32,
         file="dcgan_digits32.pt",
-        source="python -m lightning_gi.generators.train_dcgan --dataset digits --out checkpoints/dcgan_digits32.pt (about 30 s on one CPU thread)",
+        source="python -m lightning_gi.generators.train_dcgan --dataset digits --out checkpoints/dcgan_digits32.pt (about 12 s of CPU on one thread)",
         dataset="scikit-learn digits, PUBLIC pool (index 4 mod 5; disjoint from the attacked digits), 32x32 grey",
         notes="DCGAN fitted by latent optimisation to the public digits; the GIAS demo generator (same distribution as the private digits, disjoint samples)",
         extra={"recipe": {"dataset": "digits", "image_size": 32, "channels": 1, "z_dim": 32, "ngf": 16, "steps": 600, "batch_size": 64}},
@@ -176,7 +176,7 @@ register_generator(
         32,
         64,
         file="dcgan_photos32_public.pt",
-        source="python -m lightning_gi.generators.train_dcgan --dataset photographs --out checkpoints/dcgan_photos32_public.pt (about 2-3 min on one CPU thread)",
+        source="python -m lightning_gi.generators.train_dcgan --dataset photographs --out checkpoints/dcgan_photos32_public.pt (about 1 min of CPU on one thread)",
         dataset="bundled photographs, PUBLIC pool (textures, microscopy, astronomy), random crops + mirror images, 32x32",
         notes="DCGAN fitted by latent optimisation to the public photographs: a prior from ANOTHER distribution than the "
         "private photographs (mismatched-prior studies). The file name changed when the prior moved to the public pool, "
