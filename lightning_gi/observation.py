@@ -8,7 +8,8 @@ user can capture a gradient in their own FL stack without importing lightning_gi
      "batch_size": 8,
      "labels": LongTensor[8],       # optional: only when the client shares them
      "param_names": [...],          # optional: names in model.named_parameters() order
-     "metadata": {...}}             # optional: str/int/float/bool values; "mean"/"std": lists of floats
+     "metadata": {...},             # optional: str/int/float/bool values; "mean"/"std": lists of floats
+     "buffers": {name: tensor}}     # optional, format_version 2: the client's buffers after its update
 
 It loads with ``torch.load(weights_only=True)``: no code in the file is ever executed.
 """
@@ -23,9 +24,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
-_KNOWN_KEYS = {"format_version", "gradients", "batch_size", "labels", "param_names", "metadata", "loss_reduction"}
+FORMAT_VERSION = 2
+"""Newest version; a file without ``buffers`` is still written as version 1 (readable by older releases)."""
+SUPPORTED_VERSIONS = (1, 2)
+_KNOWN_KEYS = {"format_version", "gradients", "batch_size", "labels", "param_names", "metadata", "loss_reduction", "buffers"}
+_VERSION_2_KEYS = {"buffers"}
 MAX_BATCH_SIZE = 4096
 """Largest batch an observation may claim: an attack allocates one dummy image per sample."""
 
@@ -48,7 +51,9 @@ class ObservationError(ValueError):
 class GradientObservation:
     """The client's shared update as seen by the attacker (FedSGD: one batch-mean gradient).
 
-    ``gradients`` are aligned with ``list(model.parameters())`` of the victim.
+    ``gradients`` are aligned with ``list(model.parameters())`` of the victim. ``buffers`` (format version 2,
+    optional): the buffers the client shared with its update, e.g. BN running statistics after FedAvg's local
+    training (``model.named_buffers()`` names).
     """
 
     gradients: list[Tensor]
@@ -57,6 +62,7 @@ class GradientObservation:
     param_names: Optional[list[str]] = None
     loss_reduction: str = "mean"
     metadata: dict[str, Any] = field(default_factory=dict)
+    buffers: Optional[dict[str, Tensor]] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,6 +121,17 @@ class GradientObservation:
                 raise ObservationError(f"'labels' contains negative values: {self.labels.tolist()}")
         if self.loss_reduction not in ("mean", "sum"):
             raise ObservationError(f"'loss_reduction' must be 'mean' or 'sum', got {self.loss_reduction!r}")
+        if self.buffers is not None:
+            if not isinstance(self.buffers, Mapping):
+                raise ObservationError(f"'buffers' must be a dict of name -> tensor, got {type(self.buffers).__name__}")
+            self.buffers = dict(self.buffers)
+            for name, b in self.buffers.items():
+                if not isinstance(name, str) or not isinstance(b, Tensor):
+                    raise ObservationError(f"'buffers' entry {name!r} must map a string to a torch.Tensor")
+                if b.layout != torch.strided or b.is_meta or b.is_quantized or b.is_complex() or b.dtype == torch.bool:
+                    raise ObservationError(f"'buffers' entry '{name}' must be a dense real (float or integer) tensor")
+                if torch.is_floating_point(b) and not bool(torch.isfinite(b).all()):
+                    raise ObservationError(f"'buffers' entry '{name}' contains NaN/inf entries")
 
     def check_against(self, model: nn.Module, num_classes: Optional[int] = None) -> None:
         """Check that the gradients fit ``model.parameters()`` one to one (count and shapes)."""
@@ -153,7 +170,7 @@ class GradientObservation:
     # ------------------------------------------------------------------ i/o
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.buffers is not None else 1,
             "gradients": [g.detach().cpu() for g in self.gradients],
             "batch_size": int(self.batch_size),
             "loss_reduction": self.loss_reduction,
@@ -163,6 +180,8 @@ class GradientObservation:
             d["labels"] = self.labels.detach().cpu()
         if self.param_names is not None:
             d["param_names"] = list(self.param_names)
+        if self.buffers is not None:
+            d["buffers"] = {k: v.detach().cpu() for k, v in self.buffers.items()}
         return d
 
     @classmethod
@@ -182,6 +201,9 @@ class GradientObservation:
         unknown = sorted(set(map(str, d.keys())) - _KNOWN_KEYS)
         if unknown:
             raise ObservationError(f"unknown observation key(s) {unknown}; known keys: {sorted(_KNOWN_KEYS)}")
+        newer = sorted(_VERSION_2_KEYS & set(map(str, d.keys())))
+        if newer and version < 2:
+            raise ObservationError(f"key(s) {newer} need format_version 2, the file says {version}")
         metadata = d.get("metadata") or {}
         if not isinstance(metadata, Mapping):
             raise ObservationError(f"'metadata' must be a dict, got {type(metadata).__name__}")
@@ -199,6 +221,7 @@ class GradientObservation:
             param_names=d.get("param_names"),
             loss_reduction=d.get("loss_reduction", "mean"),
             metadata=dict(metadata),
+            buffers=d.get("buffers"),
         )
 
     def save(self, path: str | os.PathLike) -> None:

@@ -92,7 +92,7 @@ def files(tmp_path_factory):
     save("obs_label_range.pt", dict(good, labels=torch.tensor([10])))
     save("obs_label_count.pt", dict(good, labels=torch.tensor([1, 2])))
     save("obs_unknown_key.pt", dict(good, extra=1))
-    save("obs_version.pt", dict(good, format_version=2))
+    save("obs_version.pt", dict(good, format_version=3))
     save("obs_list.pt", [1, 2, 3])
     save("obs_nested_metadata.pt", dict(good, metadata={"a": {"b": 1}}))
     save("obs_reduction.pt", dict(good, loss_reduction="max"))
@@ -197,7 +197,7 @@ CASES = [
     ("label out of range", _obs("obs_label_range.pt"), None, r"class >= num_classes=10"),
     ("labels vs batch_size", _obs("obs_label_count.pt"), None, r"'labels' has 2 entries but 'batch_size' is 1"),
     ("unknown observation key", _obs("obs_unknown_key.pt"), None, r"unknown observation key\(s\) \['extra'\]"),
-    ("future format_version", _obs("obs_version.pt"), None, r"unsupported observation format_version 2"),
+    ("future format_version", _obs("obs_version.pt"), None, r"unsupported observation format_version 3"),
     ("observation not a dict", _obs("obs_list.pt"), None, r"must hold a dict, found list"),
     ("nested metadata", _obs("obs_nested_metadata.pt"), None, r"'metadata' entry 'a'"),
     ("bad loss_reduction", _obs("obs_reduction.pt"), None, r"'loss_reduction' must be 'mean' or 'sum'"),

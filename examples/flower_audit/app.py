@@ -136,7 +136,7 @@ def run_federation(
     )
     if clip_norm is not None:
         strategy = DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier, clip_norm, num_clients)
-    strategy = CaptureStrategy(strategy, out_dir)  # <- the one line that audits this app
+    strategy = CaptureStrategy(strategy, out_dir, normalization="none")  # <- the one line that audits this app
     model = build_model(batch_norm)
     strategy.start(
         grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=num_rounds,

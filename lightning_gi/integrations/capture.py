@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..observation import MAX_BATCH_SIZE, GradientObservation, ObservationError, read_torch_file, save_atomic
+from ..victim.datamodule import ObservationFileVictim
 
 UpdateKind = Literal["weights", "gradient"]
 UPDATE_KINDS = ("weights", "gradient")
@@ -66,10 +67,13 @@ def update_metadata(
     client_id: str,
     update: UpdateKind = "weights",
     keys: Optional[HyperparameterKeys] = None,
+    normalization: Optional[str] = None,
 ) -> dict[str, Any]:
     """Typed metadata of one captured update: every scalar the server sent (``config.<key>``) plus the keys
     :class:`~lightning_gi.victim.threat_models.UpdateSpec` reads (``threat_model``, ``local_steps``,
-    ``local_lr``, ``local_batch_size``), derived from the config as :class:`HyperparameterKeys` says."""
+    ``local_lr``, ``local_batch_size``), derived from the config as :class:`HyperparameterKeys` says.
+    ``normalization="none"`` records that the clients feed [0, 1] images unchanged (the app's owner knows it;
+    the server's config usually does not say)."""
     if update not in UPDATE_KINDS:
         raise ValueError(f"update must be one of {UPDATE_KINDS}, got {update!r}")
     keys = keys or HyperparameterKeys()
@@ -80,6 +84,10 @@ def update_metadata(
         "num_examples": int(num_examples),
         "update_kind": "weight_delta" if update == "weights" else "gradient",
     }
+    if normalization is not None:
+        if normalization != "none":
+            raise ValueError(f"normalization must be 'none' or None (give mean/std in the attack config), got {normalization!r}")
+        meta["normalization"] = "none"
     for key, value in config.items():
         if _scalar(value):
             meta[f"config.{key}"] = value
@@ -141,7 +149,8 @@ def build_update_observation(
     update: UpdateKind = "weights",
 ) -> tuple[GradientObservation, dict[str, Tensor]]:
     """The observation of one client (``gradients`` = ``client - global`` per parameter for a weight update, the
-    returned tensors themselves for a gradient) and the client's buffers after training."""
+    returned tensors themselves for a gradient; ``buffers`` = the client's returned buffers, format version 2)
+    and those buffers."""
     if sorted(global_state) != sorted(client_state):
         extra = sorted(set(client_state) ^ set(global_state))
         raise ValueError(f"the client returned other arrays than the server sent (differing keys: {extra[:4]})")
@@ -154,24 +163,23 @@ def build_update_observation(
             raise ValueError(f"client array '{name}' has shape {tuple(new.shape)}, the server sent {tuple(start.shape)}")
         new = new.detach().cpu().float()
         tensors.append(new - start.detach().cpu().float() if update == "weights" else new)
+    buffers = {k: v.detach().cpu().clone() for k, v in c_buffers.items()}
     obs = GradientObservation(
         gradients=tensors,
         batch_size=int(num_examples),
         param_names=list(g_params),
         metadata=dict(metadata),
+        buffers=buffers or None,
     )
-    return obs, {k: v.detach().cpu().clone() for k, v in c_buffers.items()}
+    return obs, buffers
 
 
-def save_update(observation: GradientObservation, buffers: Mapping[str, Tensor], path: str | os.PathLike) -> None:
-    """Write the observation (atomic) and, when the client returned buffers, ``<path>.buffers.pt`` next to it."""
-    observation.save(path)
-    if buffers:
-        save_atomic({k: v for k, v in buffers.items()}, os.fspath(path) + BUFFERS_SUFFIX)
-
-
-def load_update_buffers(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The client's buffers after its update, stored with the observation at ``path`` ({} when none)."""
+def load_update_buffers(path: str | os.PathLike, observation: Optional[GradientObservation] = None) -> dict[str, Tensor]:
+    """The client's buffers after its update ({} when none): the observation's ``buffers`` (format version 2),
+    else a ``<path>.buffers.pt`` file next to it (what ``ThreatModelVictim(share_buffers=True)`` writes)."""
+    obs = observation if observation is not None else GradientObservation.load(path)
+    if obs.buffers:
+        return dict(obs.buffers)
     side = os.fspath(path) + BUFFERS_SUFFIX
     if not os.path.exists(side):
         return {}
@@ -217,6 +225,7 @@ class UpdateRecorder:
         update: UpdateKind = "weights",
         keys: Optional[HyperparameterKeys] = None,
         label: Optional[str] = None,
+        normalization: Optional[str] = None,
     ) -> Optional[str]:
         """Write one client's update as ``round_RRR_client_<label>.pt`` (``label`` defaults to the client id);
         returns the observation path (None when it cannot be attacked: logged)."""
@@ -225,10 +234,10 @@ class UpdateRecorder:
                   f"only 1..{MAX_BATCH_SIZE} can be attacked, not written")
             return None
         weights = self.global_path(server_round, global_state)
-        meta = update_metadata(config, num_examples, server_round, client_id, update, keys)
-        obs, buffers = build_update_observation(global_state, client_state, meta, num_examples, param_names, update)
+        meta = update_metadata(config, num_examples, server_round, client_id, update, keys, normalization)
+        obs, _ = build_update_observation(global_state, client_state, meta, num_examples, param_names, update)
         path = os.path.join(self.directory, f"round_{int(server_round):03d}_client_{label or client_id}.pt")
-        save_update(obs, buffers, path)
+        obs.save(path)
         entry = {"round": int(server_round), "client_id": str(client_id), "observation": path, "weights": weights,
                  "label": str(label or client_id),
                  "num_examples": int(num_examples)}
@@ -321,8 +330,58 @@ def set_bn_targets(model: nn.Module, statistics: Sequence[tuple[Tensor, Tensor]]
             layer.running_var.copy_(var)
 
 
+class CapturedUpdateVictim(ObservationFileVictim):
+    """:class:`~lightning_gi.victim.ObservationFileVictim` for a captured FedAvg update, with the BN leak.
+
+    ``bn_targets=True``: the client's BN batch statistics, recovered from the running statistics it returned
+    (:func:`recover_bn_statistics`; before = the victim's buffers loaded from ``weights_path``, after = the
+    buffers stored with the observation), are written into the victim's BN buffers (:func:`set_bn_targets`),
+    i.e. they become the targets of a ``BNStatisticsPrior`` in the attack. Needs ``train_mode=True`` (the
+    client trained in train mode, and the buffers then do not enter the victim's forward).
+    Other arguments as :class:`~lightning_gi.victim.ObservationFileVictim`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        observation_path: str,
+        ground_truth_path: Optional[str] = None,
+        weights_path: Optional[str] = None,
+        model_seed: Optional[int] = None,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        num_classes: Optional[int] = None,
+        train_mode: bool = False,
+        bn_targets: bool = False,
+        normalization: Optional[str] = None,
+    ) -> None:
+        if bn_targets and not train_mode:
+            raise ValueError("bn_targets=True needs train_mode=True: the client's BN used batch statistics")
+        extra = {} if normalization is None else {"normalization": normalization}
+        super().__init__(model, observation_path, ground_truth_path, weights_path, model_seed, image_shape, mean, std,
+                         num_classes, train_mode, **extra)
+        self.bn_targets = bn_targets
+        self.recovered_bn_statistics: Optional[list[tuple[Tensor, Tensor]]] = None
+
+    def build_observation(self):  # type: ignore[override]
+        obs, gt = super().build_observation()
+        if self.bn_targets:
+            after = load_update_buffers(self.observation_path, obs)
+            if not after:
+                raise ObservationError(f"{self.observation_path}: bn_targets=True but the capture holds no BN buffers")
+            before = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+            lbs = int(obs.metadata.get("local_batch_size", 0) or 0)
+            counts = bn_input_counts(self.model, self.image_shape, lbs if 0 < lbs < obs.batch_size else obs.batch_size)
+            steps = int(obs.metadata.get("local_steps", 1))
+            self.recovered_bn_statistics = recover_bn_statistics(self.model, before, after, counts, local_steps=steps)
+            set_bn_targets(self.model, self.recovered_bn_statistics)
+        return obs, gt
+
+
 __all__ = [
     "BUFFERS_SUFFIX",
+    "CapturedUpdateVictim",
     "HyperparameterKeys",
     "UPDATE_KINDS",
     "UpdateRecorder",
@@ -330,7 +389,6 @@ __all__ = [
     "build_update_observation",
     "load_update_buffers",
     "recover_bn_statistics",
-    "save_update",
     "set_bn_targets",
     "split_state",
     "update_metadata",

@@ -10,8 +10,8 @@ Every round, for every client that returned a training reply, it writes (:class:
 ``round_RRR_global.pt`` (the global state dict the clients started from: use it as ``weights_path``) and
 ``round_RRR_client_KK.pt`` (``KK``: the client's rank by node id in that round), an observation whose
 ``gradients`` are the client's weight delta ``w_E - w_0`` (``update="gradient"`` for FedSGD apps whose
-clients return gradients), with the parameter names, the client's returned buffers (BN running statistics)
-and as metadata every scalar of the config the server sent to that client, the ``local_lr``,
+clients return gradients), with the parameter names, the client's returned buffers (BN running statistics,
+the observation's ``buffers``, format version 2) and as metadata every scalar of the config the server sent to that client, the ``local_lr``,
 ``local_steps``, ``local_batch_size`` derived from it (:class:`HyperparameterKeys`), the reported number of
 examples, the round and the Flower node id. The wrapper sits outermost, so it sees exactly what the
 server receives: after client-side mods (clipping, local DP), before server-side noise.
@@ -24,7 +24,7 @@ Attack a captured file with ``lightning-gi fit --config configs/flower_fedavg_au
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +84,8 @@ class CaptureStrategy(Strategy):
         keys: config names of lr / local steps / local epochs / batch size (:class:`HyperparameterKeys`).
         num_examples_key: the MetricRecord key of the client's example count (Flower's ``"num-examples"``).
         rounds: capture only these rounds (default: all).
+        normalization: ``"none"``: record in each file that the clients feed [0, 1] images unchanged (else give
+            ``mean``/``std`` in the attack config).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class CaptureStrategy(Strategy):
         keys: Optional[HyperparameterKeys] = None,
         num_examples_key: str = NUM_EXAMPLES_KEY,
         rounds: Optional[Sequence[int]] = None,
+        normalization: Optional[Literal["none"]] = None,
     ) -> None:
         if update not in UPDATE_KINDS:
             raise ValueError(f"update must be one of {UPDATE_KINDS}, got {update!r}")
@@ -105,6 +108,7 @@ class CaptureStrategy(Strategy):
         self.keys = keys or HyperparameterKeys()
         self.num_examples_key = num_examples_key
         self.rounds = None if rounds is None else {int(r) for r in rounds}
+        self.normalization = normalization
         self._sent: dict[int, dict[int, tuple[dict[str, Tensor], dict[str, Any]]]] = {}
 
     @property
@@ -149,7 +153,7 @@ class CaptureStrategy(Strategy):
                 global_state, config = sent[node]
                 self.recorder.record(
                     server_round, str(node), global_state, records[0].to_torch_state_dict(), config, count,
-                    self.param_names, self.update, self.keys, label=f"{rank:0{width}d}",
+                    self.param_names, self.update, self.keys, label=f"{rank:0{width}d}", normalization=self.normalization,
                 )
         return self.strategy.aggregate_train(server_round, replies)
 
@@ -190,6 +194,7 @@ class LegacyCaptureStrategy(_legacy_strategy_base()):  # type: ignore[misc]
         update: UpdateKind = "weights",
         keys: Optional[HyperparameterKeys] = None,
         rounds: Optional[Sequence[int]] = None,
+        normalization: Optional[Literal["none"]] = None,
     ) -> None:
         if update not in UPDATE_KINDS:
             raise ValueError(f"update must be one of {UPDATE_KINDS}, got {update!r}")
@@ -200,6 +205,7 @@ class LegacyCaptureStrategy(_legacy_strategy_base()):  # type: ignore[misc]
         self.update = update
         self.keys = keys or HyperparameterKeys()
         self.rounds = None if rounds is None else {int(r) for r in rounds}
+        self.normalization = normalization
         self._sent: dict[int, dict[str, tuple[dict[str, Tensor], dict[str, Any]]]] = {}
 
     @property
@@ -234,7 +240,7 @@ class LegacyCaptureStrategy(_legacy_strategy_base()):  # type: ignore[misc]
                 global_state, config = sent[str(proxy.cid)]
                 self.recorder.record(
                     server_round, str(proxy.cid), global_state, self._state(res.parameters), config,
-                    int(res.num_examples), self.param_names, self.update, self.keys, label=f"{rank:0{width}d}",
+                    int(res.num_examples), self.param_names, self.update, self.keys, label=f"{rank:0{width}d}", normalization=self.normalization,
                 )
         return self.strategy.aggregate_fit(server_round, results, failures)
 
@@ -265,7 +271,7 @@ def captured_bn_statistics(
     from ..observation import GradientObservation, read_torch_file
 
     obs = GradientObservation.load(observation_path)
-    after = load_update_buffers(observation_path)
+    after = load_update_buffers(observation_path, obs)
     if not after:
         raise ValueError(f"{observation_path}: the client returned no buffers (no BN running statistics)")
     before = read_torch_file(weights_path, "weights file")
