@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..observation import GradientObservation
-from .datamodule import GroundTruth, VictimDataModule
+from .datamodule import GroundTruth, Normalization, VictimDataModule, is_bundled, normalization_metadata
 from .defenses import Defense, apply_defenses
 
 THREAT_MODELS = ("fedsgd", "fedavg", "dpsgd")
@@ -358,8 +358,9 @@ class ThreatModelVictim(VictimDataModule):
         std: Optional[Sequence[float]] = None,
         num_classes: Optional[int] = None,
         train_mode: bool = False,
+        normalization: Optional[Normalization] = None,
     ) -> None:
-        super().__init__(model, weights_path, model_seed, image_shape, mean, std, num_classes, train_mode)
+        super().__init__(model, weights_path, model_seed, image_shape, mean, std, num_classes, train_mode, normalization)
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
             raise ValueError(f"num_clients must be an int >= 1, got {num_clients!r}")
         if aggregation not in AGGREGATIONS:
@@ -402,6 +403,8 @@ class ThreatModelVictim(VictimDataModule):
         if kwargs["batch_size"] * k != images.shape[0]:
             raise ValueError(f"batch_size * num_clients must equal the {images.shape[0]} images given")
         kwargs.setdefault("image_shape", tuple(images.shape[1:]))
+        if all(kwargs.get(k) is None for k in ("mean", "std", "normalization")):
+            kwargs["normalization"] = "none"  # tensors given in Python are fed as they are (as TensorBatchVictim)
         dm = cls(model, **kwargs)
         dm._given = (images.detach().float(), labels.detach().long())
         return dm
@@ -423,6 +426,8 @@ class ThreatModelVictim(VictimDataModule):
             seed=self.batch_seed,
             label_mode=self.label_mode,
             num_distinct=self.num_distinct,
+            # a victim with fewer outputs than a bundled dataset has classes: its first num_classes classes
+            num_classes=self.num_classes if is_bundled(self.dataset_name) else None,
         )
         return images, labels
 
@@ -467,6 +472,7 @@ class ThreatModelVictim(VictimDataModule):
             model_state=self.model_state,
             dataset=self.dataset_name if self._given is None else "tensors",
             defenses=";".join(public_repr(d) for d in self.defenses),
+            **normalization_metadata(self.mean, self.std),
         )
         # Only what the attacker legitimately knows: threat-model hyperparameters, the client split, the
         # dataset's name. Never the batch's dataset indices or batch_seed (they rebuild the private batch),
