@@ -182,7 +182,8 @@ def test_metadata_equals_what_the_server_sent(federation):
         meta = GradientObservation.load(e["observation"]).metadata
         base = FEDAVG if "fedavg" in e["observation"] else {**TRAIN_CONFIG, **(ROUND_2 if e["round"] == 2 else {})}
         sent = {**base, "batch-norm": False, "server-round": e["round"]}
-        assert {k[len("config."):]: v for k, v in meta.items() if k.startswith("config.")} == sent
+        got = {k[len("config."):]: v for k, v in meta.items() if k.startswith("config.")}
+        assert got == sent and all(type(got[k]) is type(sent[k]) for k in sent)  # typed: int stays int
         assert meta["round"] == e["round"] and meta["client_id"] == e["client_id"] and meta["num_examples"] == 2
         assert meta["threat_model"] == "fedavg" and meta["update_kind"] == "weight_delta"
         assert meta["normalization"] == "none"  # stated by the app's owner in CaptureStrategy
@@ -195,6 +196,10 @@ def test_captured_update_is_the_clients_weight_delta_and_holds_no_private_data(f
     for e in _entries(federation["plain"]):
         raw = torch.load(e["observation"], weights_only=True)
         assert "labels" not in raw and "train-loss" not in json.dumps(raw["metadata"])
+        assert set(raw) <= {"format_version", "gradients", "batch_size", "loss_reduction", "metadata", "param_names"}
+        allowed = {"source", "round", "client_id", "num_examples", "update_kind", "normalization", "threat_model",
+                   "local_lr", "local_steps", "local_batch_size", "aggregation"}
+        assert {k for k in raw["metadata"] if not k.startswith("config.")} <= allowed
         private = _private(federation, e)
         meta = raw["metadata"]
         model = _model(e)
