@@ -80,8 +80,9 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def write(name: str, settings: dict[str, Any], device: torch.device, results: list[dict[str, Any]]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = Path(name) if name.endswith(".json") else RESULTS / f"{name}.json"  # a .json path, or a name in results/
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = path.stem
     payload = {"benchmark": name, "settings": settings, "environment": environment(device), "results": results}
     path.write_text(json.dumps(payload, indent=2))
     print(f"wrote {path}", flush=True)
@@ -165,32 +166,40 @@ class LoopTimer:
     """A Lightning callback (built lazily): wall time from the first training batch to the last."""
 
     @staticmethod
-    def make(device: torch.device):
+    def make(device: torch.device, skip: int = 0):
         import pytorch_lightning as pl
 
         class _Timer(pl.Callback):
+            """``skip`` first batches are warm-up (a compiled step's cold compile) and not timed."""
+
             def __init__(self) -> None:
                 self.start: Optional[float] = None
                 self.seconds = 0.0
+                self.skip = skip
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                if self.start is None:
+                if self.start is None and batch_idx >= self.skip:
                     sync(device)
                     self.start = time.perf_counter()
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                sync(device)
-                self.seconds = time.perf_counter() - self.start
+                if self.start is not None:
+                    sync(device)
+                    self.seconds = time.perf_counter() - self.start
 
         return _Timer()
 
 
-def our_loop(attack, model, images, labels, steps: int, device: torch.device) -> tuple[float, torch.Tensor, Any]:
+def our_loop(attack, model, images, labels, steps: int, device: torch.device, warmup: int = 0) -> tuple[float, torch.Tensor, Any]:
+    """Seconds for ``steps`` steps through a lean Trainer; with ``warmup`` batches run first and not timed (the
+    time is scaled back to ``steps`` steps), e.g. a compiled step's cold compile."""
     import pytorch_lightning as pl
 
     from lightning_gi.victim import TensorBatchVictim
 
-    timer = LoopTimer.make(device)
+    timer = LoopTimer.make(device, skip=warmup)
+    timed_steps = steps
+    steps = steps + warmup
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
@@ -198,8 +207,14 @@ def our_loop(attack, model, images, labels, steps: int, device: torch.device) ->
             enable_model_summary=False, accelerator=accelerator, devices=1, default_root_dir=tmp, callbacks=[timer],
         )
         trainer.fit(attack, TensorBatchVictim(model, images.cpu(), labels.cpu(), share_labels=True))
-    dummies = attack.dummy_images.detach()
-    return timer.seconds, dummies.reshape(-1, *dummies.shape[-3:])[: images.shape[0]], attack
+    if warmup:
+        timer.seconds *= timed_steps / max(1, steps - warmup)
+    dummies = getattr(attack, "dummy_images", None)
+    if isinstance(dummies, torch.Tensor) and dummies.dim() >= 4:
+        dummies = dummies.detach().reshape(-1, *dummies.shape[-3:])[: images.shape[0]]
+    else:
+        dummies = None
+    return timer.seconds, dummies, attack
 
 
 # ----------------------------------------------------------------------------------------------------- cases
@@ -234,7 +249,8 @@ def alternate(name: str, pairs: int, plain: Callable[[int], tuple[float, torch.T
         for k, fn in ours.items():
             t_o, x_o = fn(r)
             ours_t[k].append(t_o)
-            diffs[k] = max(diffs.get(k, 0.0), float((x_o.float().cpu() - x_p.float().cpu()).abs().max()))
+            if x_o is not None and x_p is not None and x_o.shape == x_p.shape:
+                diffs[k] = max(diffs.get(k, 0.0), float((x_o.float().cpu() - x_p.float().cpu()).abs().max()))
         print(f"{name} pair {r}: plain {steps / t_p:.2f} it/s; " + ", ".join(f"{k} {steps / v[-1]:.2f}" for k, v in ours_t.items()), flush=True)
     out: dict[str, Any] = {
         "case": name,
@@ -248,7 +264,7 @@ def alternate(name: str, pairs: int, plain: Callable[[int], tuple[float, torch.T
         out["variants"][k] = {
             "ms_per_step": 1000 * statistics.median(ts) / steps,
             "ratio_vs_plain": spread(ratios),
-            "max_abs_diff_final_dummies_vs_plain": diffs[k],
+            "max_abs_diff_final_dummies_vs_plain": diffs.get(k),
         }
         if bar is not None:
             out["variants"][k]["bar"] = bar
@@ -351,6 +367,146 @@ def restarts_case(model, images, labels, restarts: int, steps: int, pairs: int, 
     return out
 
 
+
+# ----------------------------------------------------------------------------------------------------- GPU suite
+def peak_memory(device: torch.device) -> Optional[float]:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def measured(device: torch.device, fn: Callable[[int], tuple[float, Any]]) -> Callable[[int], tuple[float, Any]]:
+    """Wrap a run so that its peak device memory (MiB, CUDA only) is recorded in ``fn.peaks``."""
+    peaks: list[Optional[float]] = []
+
+    def run(r: int):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        out = fn(r)
+        peaks.append(peak_memory(device))
+        return out[0], out[1]
+
+    run.peaks = peaks  # type: ignore[attr-defined]
+    return run
+
+
+def with_peaks(result: dict[str, Any], plain, ours: dict[str, Any]) -> dict[str, Any]:
+    result["plain_peak_mib"] = max(plain.peaks) if plain.peaks and plain.peaks[0] is not None else None
+    for k, fn in ours.items():
+        result["variants"][k]["peak_mib"] = max(fn.peaks) if fn.peaks and fn.peaks[0] is not None else None
+    return result
+
+
+def gpu_suite(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """ms/iteration and peak memory of the big cases, each against a plain loop in the same run (see
+    benchmarks/gpu_suite.sh). ``--smoke``: tiny sizes, one pair, no compile (a CPU runs it in seconds)."""
+    from lightning_gi.attacks import InvertingGradients, StepwiseInversion
+    from lightning_gi.attacks.image_prior import milestones_from_fractions
+    from lightning_gi.labels import SharedLabels
+    from lightning_gi.objectives import CosineDistance
+    from lightning_gi.objectives.priors import TotalVariation
+
+    smoke = args.smoke
+    size = 32 if smoke else 224
+    pairs = 1 if smoke else args.pairs
+    steps = 2 if smoke else max(2, int(10 * args.scale))
+    compile_too = (not smoke) and args.compile
+    only = set(args.cases.split(",")) if args.cases else None
+    results: list[dict[str, Any]] = []
+    seed_init = lambda shape, r: torch.randn(shape, generator=torch.Generator().manual_seed(r)).to(device)  # noqa: E731
+    adam = lambda p: torch.optim.Adam(p, lr=0.1)  # noqa: E731
+    tv = TotalVariation(weight=1e-4)
+
+    def ig_case(name: str, arch: str, batch: int, attack_cls, extra_plain: str = "", with_compile: bool = False) -> None:
+        if only is not None and name not in only:
+            return
+        model, images, labels = resnet_victim(arch, size, batch, device)
+        targets = target_gradients(model, images, labels)
+        tsq = sum(t.pow(2).sum() for t in targets)
+        milestones = milestones_from_fractions([3 / 8, 5 / 8, 7 / 8], steps)
+        plain = measured(device, lambda r: plain_loop(model, labels, targets, seed_init(images.shape, r), steps, adam, cosine_match(tsq),
+                                                      prior=tv, signed=True, box=(0.0, 1.0), milestones=milestones, device=device))
+        ours = {"ours_eager": measured(device, lambda r: our_loop(attack_cls(seed=r, compile=False), model, images, labels, steps, device)[:2])}
+        if compile_too and with_compile:  # timed after 2 warm-up steps (the cold compile, then any recompile)
+            ours["ours_compiled"] = measured(device, lambda r: our_loop(attack_cls(seed=r, compile=True), model, images, labels, steps, device, warmup=2)[:2])
+        res = with_peaks(alternate(name, pairs, plain, ours, steps), plain, ours)
+        res.update({"arch": arch, "image_size": size, "batch": batch, "device": str(device)})
+        if extra_plain:
+            res["plain_math"] = extra_plain
+        results.append(res)
+
+    ig = lambda seed, compile: InvertingGradients(seed=seed, label_strategy=SharedLabels(), distance=CosineDistance(), compile=compile)  # noqa: E731
+    ig_case(f"ig_resnet18_{size}_b1", "resnet18", 1, ig)
+    ig_case(f"ig_resnet18_{size}_b8", "resnet18", 2 if smoke else 8, ig, with_compile=True)
+    def sw(seed: int, compile: bool):
+        attack = StepwiseInversion(seed=seed, label_strategy=SharedLabels())
+        attack.compile = compile  # the core's option (StepwiseInversion does not expose it as an argument)
+        return attack
+
+    ig_case(f"stepwise_resnet34_{size}_b8", "resnet34", 2 if smoke else 8, sw,
+            extra_plain="Inverting Gradients math (cosine + TV, signed Adam, box): the stepwise recipe's own schedules "
+                        "are not in the plain loop, so this ratio is indicative only")
+
+    # restarts: vectorised vs sequential, R = 8
+    name = f"restarts_r8_resnet18_{size}"
+    if only is None or name in only:
+        model, images, labels = resnet_victim("resnet18", size, 1, device)
+        results.append(restarts_case(model, images, labels, 2 if smoke else 8, steps, pairs, device, name=name))
+
+    # GIAS latent search through a StyleGAN2 generator (random weights)
+    for res_px in ((32,) if smoke else (256, 512)):
+        name = f"gias_stylegan2_{res_px}"
+        if only is not None and name not in only:
+            continue
+        results.append(gias_case(name, res_px, steps, pairs, device, smoke))
+    return results
+
+
+def gias_case(name: str, res_px: int, steps: int, pairs: int, device: torch.device, smoke: bool) -> dict[str, Any]:
+    """Ours: GIAS latent phase (z space, cosine, Adam 3e-2) with a random-weight StyleGAN2; plain: the same
+    chain written directly (z -> G -> [0,1] image -> victim gradient -> cosine -> Adam on z)."""
+    from lightning_gi.attacks import GIAS
+    from lightning_gi.generators import create_generator
+    from lightning_gi.labels import SharedLabels
+
+    torch.manual_seed(0)
+    kw = dict(img_resolution=res_px)
+    if smoke:
+        kw.update(z_dim=32, w_dim=32, mapping_kwargs=dict(num_layers=2),
+                  synthesis_kwargs=dict(channel_base=512, channel_max=32, num_fp16_res=0, conv_clamp=None))
+    gen = create_generator("stylegan2", **kw).to(device).eval()
+    model, images, labels = resnet_victim("resnet18", res_px, 1, device)
+    targets = target_gradients(model, images, labels)
+    tsq = sum(t.pow(2).sum() for t in targets)
+    params = list(model.parameters())
+    z_dim = gen.z_dim
+
+    def plain(r: int):
+        z = torch.randn(1, z_dim, generator=torch.Generator().manual_seed(r)).to(device).requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=3e-2)
+        match = cosine_match(tsq)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            x = (gen(z, None, noise_mode="const") + 1) / 2
+            grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), labels), params, create_graph=True)
+            (g,) = torch.autograd.grad(match(grads, targets), [z])
+            z.grad = g
+            opt.step()
+        sync(device)
+        return time.perf_counter() - t0, None
+
+    def ours(r: int):
+        attack = GIAS(generator=gen, pretrained=False, latent_steps=steps, param_steps=0, milestone_fractions=None,
+                      label_strategy=SharedLabels(), seed=r)
+        return our_loop(attack, model, images, labels, steps, device)[:2]
+
+    p, o = measured(device, plain), {"ours": measured(device, ours)}
+    res = with_peaks(alternate(name, pairs, p, o, steps), p, o)
+    res.update({"generator": "stylegan2 (random weights)", "resolution": res_px, "device": str(device),
+                "plain_math": "z -> G -> (x+1)/2 -> victim gradient -> cosine -> Adam(3e-2) on z (GIAS latent phase)"})
+    return res
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -360,7 +516,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--cases", default="", help="comma-separated subset of case names")
     parser.add_argument("--device", default=None, help="gpu suite: cuda (default when available) or cpu")
     parser.add_argument("--smoke", action="store_true", help="gpu suite: tiny sizes, seconds on a CPU")
-    parser.add_argument("--out", default=None, help="results/<out>.json (default speed / speed_gpu / speed_smoke)")
+    parser.add_argument("--compile", action="store_true", help="gpu suite: add the compiled variant (cold compile: minutes)")
+    parser.add_argument("--out", default=None, help="results/<out>.json, or a path ending in .json (default speed / speed_gpu / speed_smoke)")
     args = parser.parse_args(argv)
     if args.pairs < 1:
         parser.error("--pairs must be >= 1")
@@ -369,8 +526,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         results = cpu_suite(args)
         write(args.out or "speed", vars(args), torch.device("cpu"), results)
     else:
-        from gpu_cases import gpu_suite  # noqa: WPS433  (benchmarks/gpu_cases.py)
-
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         results = gpu_suite(args, device)
         write(args.out or ("speed_smoke" if args.smoke else "speed_gpu"), vars(args), device, results)

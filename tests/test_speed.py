@@ -191,3 +191,37 @@ def test_forced_vectorised_mode_matches_sequential(lean_trainer_kwargs):
     vec = _fit(_ig(restart_mode="vectorised"), 4, lean_trainer_kwargs)
     assert vec.vectorised_restarts and not seq.vectorised_restarts
     torch.testing.assert_close(vec.dummy_images.detach(), seq.dummy_images.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_matching_step_equals_eager_and_does_not_recompile_under_schedules():
+    """compile=True (torch.compile of forward -> autograd.grad(create_graph) -> distance -> priors): the loss and
+    the gradient w.r.t. the dummies equal eager within 1e-4 relative; new schedule weights and dropout masks
+    reuse the compiled graph. The cold compile takes minutes on a loaded CPU (slow)."""
+    from torch._dynamo.utils import counters
+
+    def bound(compile):
+        model, images, labels = _lenet_case(batch=1)
+        obs = capture_observation(model, images, labels, share_labels=True)
+        zeros = torch.zeros(3, 1, 1)
+        attack = InvertingGradients(label_strategy=SharedLabels(), seed=0, compile=compile, priors=[TotalVariation(1e-2)])
+        return attack.bind(AttackInputs(model, obs, (3, 16, 16), zeros, zeros + 1, 10))
+
+    eager, compiled = bound(False), bound(True)
+    n = len(eager._target_gradients)
+    gen = torch.Generator().manual_seed(0)
+    schedules = [(None, None), ([1.0] * (n - 2) + [0.0, 2.0], None),
+                 ([0.5] * n, [torch.rand(t.shape, generator=gen) > 0.3 for t in eager._target_gradients])]
+    frames = None
+    for weights, masks in schedules:
+        values = []
+        for attack in (eager, compiled):
+            attack.gradient_weights, attack.gradient_masks = weights, masks
+            loss, distance, _, _ = attack.objective()
+            (grad,) = torch.autograd.grad(loss, [attack.dummy_images])
+            values.append((loss.detach(), distance.detach(), grad))
+        for a, b in zip(*values):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        if frames is None:
+            frames = sum(counters["frames"].values())
+        assert sum(counters["frames"].values()) == frames  # no new compiled frame after the first schedule

@@ -289,16 +289,61 @@ class GradientInversionAttack(pl.LightningModule):
         (scheduled) distance plus the weighted priors, evaluated right after this batch's victim forward; the
         returned matching distance is the one that scores iterates (:meth:`scoring_distance`, detached) when a
         schedule is active, else the optimised distance itself (the same number, no extra cost)."""
-        grads = self.victim_gradients(images, targets)
         scheduled = self.scheduled
-        distance = self.matching_distance(grads)
+        if self.compile and self.shard is None:
+            loss, distance, terms, grads = self._compiled_matching_step()(images, targets, self._weight_tensor(), self.gradient_masks)
+        else:
+            grads = self.victim_gradients(images, targets)
+            distance = self.matching_distance(grads)
+            terms = self.prior_terms(images)
+            loss = distance
+            for value in terms.values():
+                loss = loss + value
+        if scheduled:
+            distance = self.scoring_distance(grads)
+        return loss, distance, terms, grads
+
+    # ------------------------------------------------------------------ the compiled matching step
+    def matching_step(
+        self, images: Tensor, targets: Tensor, weights: Tensor, masks: Optional[list[Optional[Tensor]]]
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], list[Tensor]]:
+        """The step that ``compile=True`` compiles: victim forward -> autograd.grad(create_graph) -> distance
+        (schedule weights as ONE tensor, so changing them does not recompile) -> weighted priors."""
+        grads = self.victim_gradients(images, targets)
+        distance = self.distance(grads, self._target_gradients, list(weights.unbind(0)), masks)
         terms = self.prior_terms(images)
         loss = distance
         for value in terms.values():
             loss = loss + value
-        if scheduled:
-            distance = self.scoring_distance(grads)
         return loss, distance, terms, grads
+
+    def _weight_tensor(self) -> Tensor:
+        """The schedule's per-tensor weights as one tensor on the attack's device (ones without a schedule),
+        rebuilt only when the schedule assigns new weights."""
+        cached = getattr(self, "_weights_cache", None)
+        if cached is not None and cached[0] is self.gradient_weights:
+            return cached[1]
+        n = len(self._target_gradients)
+        device = self._target_gradients[0].device
+        dtype = torch.promote_types(self._target_gradients[0].dtype, torch.float32)
+        if self.gradient_weights is None:
+            w = torch.ones(n, dtype=dtype, device=device)
+        else:
+            values = [float(v) for v in self.gradient_weights]
+            if len(values) != n or any(not v >= 0 for v in values):
+                raise ValueError(f"gradient_weights must be {n} non-negative numbers, got {self.gradient_weights!r}")
+            w = torch.tensor(values, dtype=dtype, device=device)
+        self._weights_cache = (self.gradient_weights, w)
+        return w
+
+    def _compiled_matching_step(self) -> Callable[..., Any]:
+        if self._compiled_step is None:
+            import torch._dynamo
+
+            # double backward (autograd.grad(create_graph=True) inside the graph) compiles without graph breaks
+            torch._dynamo.config.trace_autograd_ops = True
+            self._compiled_step = torch.compile(self.matching_step)
+        return self._compiled_step
 
     def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """(total loss, matching distance, dummy images, prior terms) at the current unknowns."""

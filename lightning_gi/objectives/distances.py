@@ -15,8 +15,8 @@ Conventions shared by all distances
   of exactly 0 removes the tensor entirely: it is skipped, so it contributes neither to a sum nor to
   the norms of a cosine, and non-finite entries in it cannot leak into the result.  A negative
   weight raises ``ValueError``.  (A scalar *tensor* weight that lives on an accelerator is used as
-  a multiplier without being inspected, to avoid a device synchronisation per step; a zero there
-  still removes the tensor's contribution arithmetically.)
+  a multiplier without being inspected, to avoid a device synchronisation per step, and so is any tensor
+  weight inside ``torch.compile``; a zero there still removes the tensor's contribution arithmetically.)
 * ``masks``: ``None`` or one entry per tensor, each ``None`` (keep everything) or a 0/1 tensor (float
   or bool) of that tensor's shape.  The same mask is applied to both gradients, in every term of the
   distance (for cosine: in the dot product and in both norms).  Kept entries are not rescaled.
@@ -75,8 +75,8 @@ def _resolve_weight(w: float | Tensor, index: int) -> Optional[float | Tensor]:
     if isinstance(w, Tensor):
         if w.numel() != 1:
             raise ValueError(f"weight {index} must be a scalar, got shape {tuple(w.shape)}")
-        if w.device.type != "cpu":
-            return w  # not inspected (no sync); a zero still zeroes the contribution
+        if w.device.type != "cpu" or torch.compiler.is_compiling():
+            return w  # not inspected (no sync, no graph break); a zero still zeroes the contribution
         value = float(w.detach())
     else:
         value = float(w)
