@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "checkpoints" / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 _FENCE = re.compile(r"^[ \t]*```[^\n]*\n(.*?)^[ \t]*```", re.S | re.M)
 _INLINE = re.compile(r"`([^`\n]+)`")
@@ -118,7 +118,7 @@ def _check_flags_in_help(argv: list[str], help_text: str, where: str) -> None:
 
 def test_the_docs_show_commands():
     kinds = {kind for _, kind, _, _ in COMMANDS}
-    assert kinds == {"cli", "module", "make"}, kinds
+    assert {"cli", "make"} <= kinds, kinds
     assert any(argv[:1] == ["giml"] for _, _, _, argv in COMMANDS)
 
 
