@@ -40,6 +40,20 @@ def _default_lbfgs(params: Any) -> torch.optim.Optimizer:
     return torch.optim.LBFGS(params, lr=1.0, max_iter=20, history_size=100)
 
 
+class _WithGradient(torch.autograd.Function):
+    """``value`` in forward; in backward, ``grad_output * gradient`` for ``inputs`` (a gradient computed already)."""
+
+    @staticmethod
+    def forward(ctx: Any, inputs: Tensor, value: Tensor, gradient: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gradient)
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (gradient,) = ctx.saved_tensors
+        return grad_output * gradient, None, None
+
+
 class GradientInversionAttack(pl.LightningModule):
     """Base class. Subclasses define the unknowns (:meth:`create_unknowns`) and how they map to a dummy
     batch (:meth:`dummy_batch`).
@@ -290,8 +304,19 @@ class GradientInversionAttack(pl.LightningModule):
         returned matching distance is the one that scores iterates (:meth:`scoring_distance`, detached) when a
         schedule is active, else the optimised distance itself (the same number, no extra cost)."""
         scheduled = self.scheduled
-        if self.compile and self.shard is None:
-            loss, distance, terms, grads = self._compiled_matching_step()(images, targets, self._weight_tensor(), self.gradient_masks)
+        if self.compile and self.shard is None and torch.is_grad_enabled():
+            # the compiled graph is entered with a LEAF copy of the images and returns d loss / d images with the
+            # loss; _WithGradient hands that gradient to the real images in backward. (Entering torch.compile with
+            # a non-leaf input that needs a double backward inside lost the path to the input in torch 2.x.)
+            if targets.requires_grad:
+                raise ValueError(
+                    "compile=True needs labels that are not optimised (e.g. DLG's label logits are): use compile=False"
+                )
+            leaf = images.detach().requires_grad_(True)
+            loss, distance, terms, grads, grad_images = self._compiled_matching_step()(
+                leaf, targets, self._weight_tensor(), self.gradient_masks
+            )
+            loss = _WithGradient.apply(images, loss, grad_images)
         else:
             grads = self.victim_gradients(images, targets)
             distance = self.matching_distance(grads)
@@ -316,6 +341,15 @@ class GradientInversionAttack(pl.LightningModule):
         for value in terms.values():
             loss = loss + value
         return loss, distance, terms, grads
+
+    def compiled_matching_step(
+        self, images: Tensor, targets: Tensor, weights: Tensor, masks: Optional[list[Optional[Tensor]]]
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], list[Tensor], Tensor]:
+        """:meth:`matching_step` for a leaf ``images``, detached outputs plus ``d loss / d images`` (what is compiled)."""
+        loss, distance, terms, grads = self.matching_step(images, targets, weights, masks)
+        (grad_images,) = torch.autograd.grad(loss, [images])
+        return (loss.detach(), distance.detach(), {k: v.detach() for k, v in terms.items()},
+                [g.detach() for g in grads], grad_images)
 
     def _weight_tensor(self) -> Tensor:
         """The schedule's per-tensor weights as one tensor on the attack's device (ones without a schedule),
@@ -342,7 +376,7 @@ class GradientInversionAttack(pl.LightningModule):
 
             # double backward (autograd.grad(create_graph=True) inside the graph) compiles without graph breaks
             torch._dynamo.config.trace_autograd_ops = True
-            self._compiled_step = torch.compile(self.matching_step)
+            self._compiled_step = torch.compile(self.compiled_matching_step)
         return self._compiled_step
 
     def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
