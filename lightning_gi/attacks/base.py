@@ -70,8 +70,9 @@ class GradientInversionAttack(pl.LightningModule):
             manual optimisation and runs that many steps per call, which amortises the Trainer's fixed cost
             per call (~1-3 ms) for tiny victims; iterates equal those of one step per call. Callbacks that act
             per batch (schedules, monitors, the divergence guard) then see every ``steps_per_call``-th step,
-            so keep their periods multiples of it. Needs a first-order optimiser (L-BFGS always runs one step
-            per call, under automatic optimisation, exactly like plain PyTorch L-BFGS).
+            so keep their periods multiples of it. With L-BFGS, ``steps_per_call: 1`` (default) keeps automatic
+            optimisation; above 1 each closure evaluation is the one automatic optimisation runs, so the iterates
+            still equal plain PyTorch L-BFGS.
         compile: evaluate the matching step (victim forward -> autograd.grad(create_graph) -> distance ->
             priors) through ``torch.compile`` with ``torch._dynamo.config.trace_autograd_ops = True``;
             schedule weights are passed as tensors so that changing them does not recompile. Off by default
@@ -424,12 +425,12 @@ class GradientInversionAttack(pl.LightningModule):
         optimiser wrapper, which call every hook."""
         lopt = self.optimizers()
         raw = getattr(lopt, "optimizer", lopt)
-        if isinstance(raw, torch.optim.LBFGS):
-            raise ValueError("steps_per_call > 1 needs a first-order optimiser; L-BFGS runs one step per call (steps_per_call: 1)")
         sched = self.lr_schedulers()
         k = self.steps_this_call()
         log = self._should_log(self.steps_per_call)
         fast = self._direct_steps_allowed()
+        if isinstance(raw, torch.optim.LBFGS):
+            return self._multi_step_closure(lopt, raw, sched, k, log, fast)
         loss = None
         for i in range(k):
             raw.zero_grad(set_to_none=True)
@@ -446,6 +447,39 @@ class GradientInversionAttack(pl.LightningModule):
             else:
                 self.manual_backward(loss)
                 lopt.step()
+            self.after_optimizer_step()
+            if sched is not None:
+                sched.step()
+        return loss.detach()
+
+    def _multi_step_closure(self, lopt: Any, raw: torch.optim.Optimizer, sched: Any, k: int, log: bool, fast: bool) -> Tensor:
+        """:meth:`multi_step` for closure optimisers (L-BFGS): each closure evaluation is what automatic
+        optimisation evaluates (zero_grad, objective, best-iterate update, backward, ``on_before_optimizer_step``),
+        so the iterates equal plain PyTorch L-BFGS."""
+        logged = [not log]
+
+        def closure() -> Tensor:
+            raw.zero_grad(set_to_none=True)
+            loss, distance, images, terms = self.objective()
+            self.update_best(distance.detach(), images.detach())
+            if not logged[0]:
+                self.log_step(distance.detach(), terms)
+                logged[0] = True
+            if fast:
+                self.backward(loss)
+                self.on_before_optimizer_step(raw)
+            else:
+                self.manual_backward(loss)
+            return loss
+
+        loss = None
+        for _ in range(k):
+            if fast:
+                lopt._on_before_step()
+                loss = raw.step(closure)
+                lopt._on_after_step()
+            else:
+                loss = lopt.step(closure=closure)
             self.after_optimizer_step()
             if sched is not None:
                 sched.step()

@@ -4,7 +4,7 @@ DLG optimises the dummy image and dummy label logits jointly (soft-label cross-e
 softmax of the logits); iDLG first reads the label off the last layer's weight gradient and then
 optimises the image only, with the hard-label cross-entropy. Both: L-BFGS (lr 1, 20 inner iterations,
 history 100), 300 steps, dummies drawn from N(0, 1). ``steps_per_call`` and ``compile``: see
-:class:`~lightning_gi.attacks.base.GradientInversionAttack` (L-BFGS always runs one step per call).
+:class:`~lightning_gi.attacks.base.GradientInversionAttack` (L-BFGS iterates are the same for any value).
 """
 from __future__ import annotations
 
