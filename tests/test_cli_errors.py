@@ -281,3 +281,20 @@ def test_stepwise_resnet34_config_without_weights_is_one_sentence(tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) <= 3, err[-3000:]
     assert re.search(r"resnet34-b627a593\.pth' not found.*checkpoints/README\.md", err)
+
+
+@pytest.mark.parametrize("target", ["os.system", "builtins.eval", "subprocess.call"])
+def test_a_config_cannot_pass_an_arbitrary_callable_as_the_distance(target, tmp_path):
+    """Issue 16.6: distances are typed with the project's GradientDistance base, so `distance: os.system`
+    is a config error (exit 2, one sentence), never a call."""
+    cfg = base_config()
+    cfg["model"] = {"class_path": "lightning_gi.attacks.WDLG", "init_args": {"seed": 0, "distance": target}}
+    cfg["trainer"]["default_root_dir"] = str(tmp_path)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, out, err = run_cli(["fit", "--config", str(path)])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err[-3000:]
+    assert len(lines) <= 3 and "Traceback" not in err, err[-3000:]
+    assert "distance" in err, err
+    assert not list(tmp_path.rglob("reconstruction.pt"))

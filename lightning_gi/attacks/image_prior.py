@@ -54,13 +54,13 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..labels import IDLGLabels, LabelStrategy
-from ..objectives.distances import CosineDistance
+from ..objectives.distances import CosineDistance, GradientDistance
 from .base import GradientInversionAttack
 
 # ``Callable[..., Any]``, not ``Callable[..., Tensor]``: with a class as return type jsonargparse reads a
 # ``class_path`` as "a subclass of Tensor"; with ``Any`` it accepts a distance class (``class_path:
 # lightning_gi.objectives.CosineDistance`` + typed ``init_args``) or a function's import path.
-DistanceFn = Callable[..., Any]
+DistanceFn = GradientDistance  # configs may name a distance class only, not any callable
 
 __all__ = ["ImagePriorAttack", "DistanceFn", "milestones_from_fractions", "box_bounds", "INVERTING_GRADIENTS_MILESTONES"]
 

@@ -1,6 +1,7 @@
 """Gradient distances and image priors for gradient inversion attacks."""
 from lightning_gi.objectives.distances import (
     CosineDistance,
+    GradientDistance,
     SquaredL2Distance,
     TopKCosineDistance,
     WassersteinDistance,
@@ -24,6 +25,7 @@ __all__ = [
     "topk_cosine_distance",
     "SquaredL2Distance",
     "CosineDistance",
+    "GradientDistance",
     "WassersteinDistance",
     "TopKCosineDistance",
     "TotalVariation",

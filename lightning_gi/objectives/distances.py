@@ -23,6 +23,8 @@ Conventions shared by all distances
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from typing import Iterator, Optional, Sequence, Tuple
 
@@ -40,6 +42,7 @@ __all__ = [
     "wasserstein_l2",
     "topk_magnitude_masks",
     "topk_cosine_distance",
+    "GradientDistance",
     "SquaredL2Distance",
     "CosineDistance",
     "WassersteinDistance",
@@ -335,7 +338,19 @@ def topk_cosine_distance(
 # ----------------------------------------------------------------------------------------------------
 # callable classes for configs
 # ----------------------------------------------------------------------------------------------------
-class SquaredL2Distance:
+class GradientDistance(ABC):
+    """Base of the config-selectable gradient distances: ``f(dummy, target, weights=None, masks=None) -> scalar``.
+
+    Attacks type their ``distance`` argument with this class, so a config can only name a distance (a
+    subclass), never an arbitrary callable such as ``os.system`` (docs/security.md).
+    """
+
+    @abstractmethod
+    def __call__(self, dummy: Sequence[Tensor], target: Sequence[Tensor], weights: Weights = None, masks: Masks = None) -> Tensor:
+        """The distance between two aligned lists of gradient tensors."""
+
+
+class SquaredL2Distance(GradientDistance):
     """Callable form of :func:`squared_l2`, for configs (``class_path: ...SquaredL2Distance``)."""
 
     def __call__(self, dummy: Sequence[Tensor], target: Sequence[Tensor], weights: Weights = None, masks: Masks = None) -> Tensor:
@@ -345,7 +360,7 @@ class SquaredL2Distance:
         return "SquaredL2Distance()"
 
 
-class CosineDistance:
+class CosineDistance(GradientDistance):
     """Callable form of :func:`cosine_distance` (``per_layer=False``) or :func:`per_layer_cosine_distance`.
 
     Args:
@@ -367,7 +382,7 @@ class CosineDistance:
         return f"CosineDistance(per_layer={self.per_layer}, eps={self.eps})"
 
 
-class WassersteinDistance:
+class WassersteinDistance(GradientDistance):
     """Callable form of :func:`wasserstein_l2` (WDLG, Wang et al. 2023).
 
     Args:
@@ -392,7 +407,7 @@ class WassersteinDistance:
         return f"WassersteinDistance(p={self.p}, squared={self.squared}, l2_weight={self.l2_weight})"
 
 
-class TopKCosineDistance:
+class TopKCosineDistance(GradientDistance):
     """Callable form of :func:`topk_cosine_distance` (GIAS, Jeon et al. 2021).
 
     Args:
