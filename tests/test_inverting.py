@@ -251,3 +251,24 @@ def test_demo_config_runs_a_few_steps(name, tmp_path):
     )
     assert cli.trainer.global_step == 2
     assert (Path(cli.trainer.log_dir) / "reconstruction.pt").is_file()
+
+
+def test_default_labels_are_auto_and_count_duplicates():
+    """Issue 12: with no label strategy, IG/GradInversion use AutoLabels (iLRG counts for a biased head), which
+    gets a batch with duplicated labels right where the iDLG rule (distinct labels only) cannot."""
+    import torch
+
+    from lightning_gi.attacks import GradInversion, InvertingGradients
+    from lightning_gi.labels import AutoLabels
+    from lightning_gi.victim import ConvNet, TensorBatchVictim
+
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 16, 16)
+    labels = torch.tensor([1, 1, 1, 4, 4, 7])
+    dm = TensorBatchVictim(ConvNet(num_classes=10, width=8, image_size=16, norm="batch").eval(), images, labels)
+    dm.setup("fit")
+    for attack in (InvertingGradients(), GradInversion()):
+        attack.bind(dm.attack_inputs())
+        assert isinstance(attack.label_strategy, AutoLabels)
+        assert attack.label_strategy.diagnostics["chosen_strategy"] == "ilrg"
+        assert sorted(attack.labels.tolist()) == labels.tolist()

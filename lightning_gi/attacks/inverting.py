@@ -27,7 +27,7 @@ from typing import Callable, Literal, Optional
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..labels import LabelStrategy
+from ..labels import AutoLabels, LabelStrategy
 from ..objectives.distances import CosineDistance, SquaredL2Distance
 from ..objectives.priors import BNStatisticsPrior, L2ImageNorm, TotalVariation
 from .image_prior import DistanceFn, INVERTING_GRADIENTS_MILESTONES, ImagePriorAttack, _default_adam
@@ -35,7 +35,25 @@ from .image_prior import DistanceFn, INVERTING_GRADIENTS_MILESTONES, ImagePriorA
 __all__ = ["InvertingGradients", "GradInversion"]
 
 
-class InvertingGradients(ImagePriorAttack):
+class _AutoLabelsByDefault:
+    """With no ``label_strategy`` given, labels come from :class:`~lightning_gi.labels.AutoLabels` at the victim's
+    input geometry: iLRG counts (Ma et al., ICLR 2023) when the last layer has a bias, which stay exact with
+    duplicated labels at large batch, else the evolutionary search of Ye et al., else the iDLG rule."""
+
+    def _use_auto_labels(self, label_strategy: Optional[LabelStrategy]) -> None:
+        self._auto_labels = label_strategy is None
+
+    def recover_labels(self) -> Optional[Tensor]:
+        if getattr(self, "_auto_labels", False):
+            _, size, _ = self.inputs.image_shape
+            self.label_strategy = AutoLabels(
+                image_size=size, mean=self.inputs.mean.flatten().tolist(), std=self.inputs.std.flatten().tolist()
+            )
+            self._auto_labels = False
+        return super().recover_labels()  # type: ignore[misc]
+
+
+class InvertingGradients(_AutoLabelsByDefault, ImagePriorAttack):
     """Inverting Gradients (Geiping et al. 2020): cosine distance + TV, signed Adam, boxed, MultiStepLR, restarts.
 
     Same arguments as :class:`ImagePriorAttack`, with the paper's defaults: Adam lr 0.1,
@@ -81,9 +99,10 @@ class InvertingGradients(ImagePriorAttack):
             steps_per_call=steps_per_call,
             compile=compile,
         )
+        self._use_auto_labels(label_strategy)
 
 
-class GradInversion(ImagePriorAttack):
+class GradInversion(_AutoLabelsByDefault, ImagePriorAttack):
     """GradInversion-style recipe (Yin et al. 2021; group consistency not included).
 
     Same arguments as :class:`ImagePriorAttack`, with these defaults: Adam lr 0.1, no schedule,
@@ -129,3 +148,4 @@ class GradInversion(ImagePriorAttack):
             steps_per_call=steps_per_call,
             compile=compile,
         )
+        self._use_auto_labels(label_strategy)
