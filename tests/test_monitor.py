@@ -83,6 +83,7 @@ def test_tensorboard_hparams_metrics_labels_and_images(tmp_path):
     assert "reconstruction" in acc.Tags()["images"]
     texts = {t for t in acc.Tags()["tensors"]}
     assert any(t.startswith("labels") for t in texts) and any(t.startswith("recovered_labels") for t in texts)
+    assert any(t.startswith("labels/diagnostics") for t in texts), texts  # the label rule's evidence (issue 12)
 
 
 def test_monitor_tolerates_non_finite_unknowns(tmp_path):

@@ -201,6 +201,9 @@ class ReconstructionReport(pl.Callback):
         log_final_metrics(trainer, metrics, int(trainer.global_step))
         if gt is not None:
             log_text(trainer, "labels", label_text(metrics), int(trainer.global_step))
+        if "label_diagnostics" in metrics:  # the label rule's own evidence, for TensorBoard's text tab
+            log_text(trainer, "labels/diagnostics", json.dumps(_json_safe(metrics["label_diagnostics"]), indent=1),
+                     int(trainer.global_step))
         rank_zero_info("\n".join(self._summary(metrics, out, status, reason)))
 
     def _summary(self, metrics: dict[str, Any], out: str, status: str, reason: Optional[str]) -> list[str]:
