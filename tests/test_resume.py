@@ -1,8 +1,6 @@
 """Runs that lose nothing: last.ckpt in every run, resume in the same directory with the user's config,
 atomic checkpoint writes, signal exit statuses (issues 14.5, 16.5, 16.7-16.10)."""
-import contextlib
 import errno
-import io
 import os
 import signal
 from pathlib import Path
@@ -12,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 
-from lightning_gi.cli import main
+from test_cli_errors import run_cli  # in-process CLI: (exit status, stdout, stderr)
 
 LENET = {"class_path": "lightning_gi.victim.LeNet", "init_args": {"num_classes": 10, "image_size": 16}}
 
@@ -44,17 +42,6 @@ def _config(tmp_path, max_steps=4, version=None, callbacks=()):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
-
-
-def run_cli(args):
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(args)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_every_run_writes_last_ckpt_and_a_resumed_run_continues_in_its_directory(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import pytorch_lightning as pl
 from torch import Tensor, nn
@@ -44,30 +44,24 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
         logger.log_metrics(values, step=step)
 
 
-def log_image(trainer: pl.Trainer, tag: str, image: Tensor, step: int) -> bool:
-    """An image [C,H,W] in [0,1] to every TensorBoard logger (others are skipped); True if one took it."""
+def _to_tensorboard(trainer: pl.Trainer, write: Callable[[Any], None]) -> bool:
+    """Call ``write(writer)`` for the SummaryWriter of every TensorBoard logger (rank 0); True if one took it."""
     if not trainer.is_global_zero:
         return False
-    done = False
-    for logger in trainer.loggers:
-        writer = _tensorboard_writer(logger)
-        if writer is not None:
-            writer.add_image(tag, image, step)
-            done = True
-    return done
+    writers = [w for w in (_tensorboard_writer(logger) for logger in trainer.loggers) if w is not None]
+    for writer in writers:
+        write(writer)
+    return bool(writers)
+
+
+def log_image(trainer: pl.Trainer, tag: str, image: Tensor, step: int) -> bool:
+    """An image [C,H,W] in [0,1] to every TensorBoard logger (others are skipped); True if one took it."""
+    return _to_tensorboard(trainer, lambda writer: writer.add_image(tag, image, step))
 
 
 def log_text(trainer: pl.Trainer, tag: str, text: str, step: int) -> bool:
     """Text to every TensorBoard logger (others are skipped); True if one took it."""
-    if not trainer.is_global_zero:
-        return False
-    done = False
-    for logger in trainer.loggers:
-        writer = _tensorboard_writer(logger)
-        if writer is not None:
-            writer.add_text(tag, text, step)
-            done = True
-    return done
+    return _to_tensorboard(trainer, lambda writer: writer.add_text(tag, text, step))
 
 
 def _describe(value: Any) -> Any:

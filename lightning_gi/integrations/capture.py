@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..observation import MAX_BATCH_SIZE, GradientObservation, ObservationError, read_torch_file, save_atomic
-from ..victim.datamodule import ObservationFileVictim
+from ..victim.datamodule import Normalization, ObservationFileVictim
 
 UpdateKind = Literal["weights", "gradient"]
 UPDATE_KINDS = ("weights", "gradient")
@@ -354,7 +354,7 @@ class CapturedUpdateVictim(ObservationFileVictim):
         num_classes: Optional[int] = None,
         train_mode: bool = False,
         bn_targets: bool = False,
-        normalization: Optional[str] = None,
+        normalization: Optional[Normalization] = None,
     ) -> None:
         if bn_targets and not train_mode:
             raise ValueError("bn_targets=True needs train_mode=True: the client's BN used batch statistics")
