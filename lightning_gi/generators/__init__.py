@@ -1,4 +1,5 @@
 """Generative image priors: StyleGAN2(-ADA) and DCGAN, a timm-style registry, safe checkpoint loaders."""
+from .build import GenerativeOutput, build_generator, generator_resolution, generator_to_unit, pooling_factor
 from .dcgan import DCGANGenerator
 from .loaders import (
     PersistentRecord,
@@ -13,6 +14,11 @@ from .registry import GeneratorConfig, create_generator, get_generator_config, l
 from .stylegan2 import StyleGAN2Generator
 
 __all__ = [
+    "build_generator",
+    "GenerativeOutput",
+    "generator_resolution",
+    "generator_to_unit",
+    "pooling_factor",
     "StyleGAN2Generator",
     "DCGANGenerator",
     "GeneratorConfig",
