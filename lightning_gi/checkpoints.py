@@ -3,16 +3,23 @@
 Nothing is ever downloaded: a missing file is an error that names the file and where to put it.
 Search order for a bare file name: the directory in ``$LIGHTNING_GI_CHECKPOINTS``, ``./checkpoints``,
 the ``checkpoints/`` directory of this source tree, then torch hub's cache (``$TORCH_HOME/hub/checkpoints``).
+A path with a directory part (``checkpoints/x.pt``, ``/abs/x.pt``) is taken as given, never searched.
+
+:func:`resolve_checkpoint` is the one place that turns a name or path into a file: to read it
+(``if_missing="raise"``, the default, or ``"none"``) or to write it (``"destination"``: where the search
+above will find it first).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, overload
 
 import torch
 
 CHECKPOINTS_README = "checkpoints/README.md"
+
+IfMissing = Literal["raise", "none", "destination"]
 
 
 class MissingCheckpointError(FileNotFoundError):
@@ -40,12 +47,17 @@ def checkpoint_dirs() -> list[Path]:
     return unique
 
 
+def _is_bare_name(p: Path) -> bool:
+    return not p.is_absolute() and len(p.parts) == 1
+
+
 def find_checkpoint(name_or_path: str | os.PathLike) -> Optional[Path]:
-    """Return the existing path for an explicit path or a bare file name, else None."""
+    """Return the existing path for an explicit path or a bare file name, else None
+    (``resolve_checkpoint(name_or_path, if_missing="none")``)."""
     p = Path(name_or_path).expanduser()
     if p.is_file():
         return p
-    if p.is_absolute() or len(p.parts) > 1:
+    if not _is_bare_name(p):
         return None
     for d in checkpoint_dirs():
         cand = d / p.name
@@ -54,11 +66,29 @@ def find_checkpoint(name_or_path: str | os.PathLike) -> Optional[Path]:
     return None
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike, what: str = "pretrained weights") -> Path:
-    """Like :func:`find_checkpoint` but raise :class:`MissingCheckpointError` with instructions."""
+@overload
+def resolve_checkpoint(name_or_path: str | os.PathLike, what: str = ..., *, if_missing: Literal["raise", "destination"] = ...) -> Path: ...
+@overload
+def resolve_checkpoint(name_or_path: str | os.PathLike, what: str = ..., *, if_missing: Literal["none"]) -> Optional[Path]: ...
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, what: str = "pretrained weights", *, if_missing: IfMissing = "raise") -> Optional[Path]:
+    """The file for an explicit path or a bare file name (searched as in the module docs).
+
+    When no such file exists: ``if_missing="raise"`` raises :class:`MissingCheckpointError` naming the file,
+    the directories searched and ``what`` (what the file is for); ``"none"`` returns None; ``"destination"``
+    returns where to WRITE it: an explicit path as given, a bare name in ``$LIGHTNING_GI_CHECKPOINTS`` when
+    set, else in ``./checkpoints`` (the first directory searched, so a later lookup finds the new file).
+    An existing bare-named file is returned in every mode (writing over it replaces the file the lookup finds).
+    """
+    if if_missing not in ("raise", "none", "destination"):
+        raise ValueError(f"if_missing must be 'raise', 'none' or 'destination', got {if_missing!r}")
     found = find_checkpoint(name_or_path)
-    if found is not None:
+    if found is not None or if_missing == "none":
         return found
+    if if_missing == "destination":
+        p = Path(name_or_path).expanduser()
+        return checkpoint_dirs()[0] / p.name if _is_bare_name(p) else p
     searched = ", ".join(str(d) for d in checkpoint_dirs())
     raise MissingCheckpointError(
         f"{what}: file '{name_or_path}' not found (searched: {searched}). Nothing is downloaded by "

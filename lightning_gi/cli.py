@@ -3,8 +3,9 @@
 The project's other tools are subcommands of the same command, each with ``--help``:
 ``lightning-gi giml --config configs/giml/dcgan_photos.yaml`` (GIML, its own LightningCLI),
 ``lightning-gi aux-stats --out ...`` (stepwise attack's auxiliary statistics) and
-``lightning-gi train-dcgan --dataset photographs`` (the DCGAN priors). Each is also
-``python -m <module>`` with the same flags.
+``lightning-gi train-dcgan --dataset photographs`` (the DCGAN priors). Their command lines live in
+:mod:`lightning_gi.tools` (one module each, also ``python -m lightning_gi.tools.<module>``), all parsed by
+jsonargparse as ``fit`` is: ``--snake_case value`` options, ``--config file.yaml``, typed ``--help``.
 
 ``model:`` selects the attack (any :class:`GradientInversionAttack` subclass by class_path) and
 ``data:`` the victim (any :class:`VictimDataModule` subclass). The CLI always attaches
@@ -64,7 +65,7 @@ subcommands:
   giml         meta-learn a generator from gradients (GIML), then use it as GIAS's prior:
                lightning-gi giml --config configs/giml/dcgan_photos.yaml
   aux-stats    auxiliary feature statistics of public images for the stepwise attack:
-               lightning-gi aux-stats --model resnet34 --out checkpoints/aux_stats_resnet34.pt
+               lightning-gi aux-stats --model resnet34 --out checkpoints/resnet34_aux_stats.pt
   train-dcgan  train a DCGAN prior on the bundled public images:
                lightning-gi train-dcgan --dataset photographs
   (lightning-gi COMMAND --help lists each command's options)
@@ -78,11 +79,11 @@ exit status: 0 finished, 2 bad input, 130 interrupted (Ctrl+C), 143 terminated (
 """
 
 
-# subcommand -> (module, what it does); each module has ``main(argv)`` taking the subcommand's flags
+# subcommand -> (module, what it does); each module has ``main(argv, exit_on_error)`` taking the subcommand's flags
 TOOLS: dict[str, tuple[str, str]] = {
-    "giml": ("lightning_gi.attacks.giml", "meta-learn a generator from gradients (GIML)"),
-    "aux-stats": ("lightning_gi.labels.auxiliary_stats", "auxiliary statistics for the stepwise attack"),
-    "train-dcgan": ("lightning_gi.generators.train_dcgan", "train a DCGAN prior on the bundled public images"),
+    "giml": ("lightning_gi.tools.giml", "meta-learn a generator from gradients (GIML)"),
+    "aux-stats": ("lightning_gi.tools.aux_stats", "auxiliary statistics for the stepwise attack"),
+    "train-dcgan": ("lightning_gi.tools.train_dcgan", "train a DCGAN prior on the bundled public images"),
 }
 COMMANDS = ("fit", *TOOLS)
 
@@ -439,17 +440,19 @@ def run(args: Optional[list[str]] = None, exit_on_error: bool = True) -> Any:
     )
 
 
-def run_tool(name: str, argv: list[str]) -> Any:
-    """Run the subcommand ``name`` (a key of :data:`TOOLS`) with its own flags; returns what its ``main`` returns."""
+def run_tool(name: str, argv: list[str], exit_on_error: bool = True) -> Any:
+    """Run the subcommand ``name`` (a key of :data:`TOOLS`) with its own flags; returns what its ``main`` returns.
+
+    ``exit_on_error=False``: a bad command line raises (one sentence, see :func:`describe_bad_input`)."""
     import importlib
 
     configure_output()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     module = importlib.import_module(TOOLS[name][0])
     program = sys.argv[0]
-    sys.argv[0] = f"lightning-gi {name}"  # argparse names the program after argv[0] in usage lines
+    sys.argv[0] = f"lightning-gi {name}"  # LightningCLI names the program after argv[0] in usage lines
     try:
-        return module.main(list(argv))
+        return module.main(list(argv), exit_on_error=exit_on_error)
     finally:
         sys.argv[0] = program
 
@@ -496,7 +499,7 @@ def main(args: Optional[list[str]] = None) -> None:
         )
         raise SystemExit(EXIT_BAD_INPUT)
     try:
-        cli = run_tool(argv[0], argv[1:]) if argv[0] in TOOLS else run(argv, exit_on_error=debug)
+        cli = run_tool(argv[0], argv[1:], exit_on_error=debug) if argv[0] in TOOLS else run(argv, exit_on_error=debug)
     except SystemExit as exc:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 

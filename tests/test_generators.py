@@ -222,9 +222,9 @@ def test_train_dcgan_shows_progress_on_stderr(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_train_dcgan_module_entry_point_writes_a_loadable_prior(tmp_path, capsys):
-    """``python -m lightning_gi.generators.train_dcgan`` stays runnable (main() with a tiny budget)."""
-    from lightning_gi.generators.train_dcgan import main
+def test_train_dcgan_command_writes_a_loadable_prior(tmp_path, capsys):
+    """``lightning-gi train-dcgan`` (lightning_gi.tools.train_dcgan) with a tiny budget writes a loadable prior."""
+    from lightning_gi.tools.train_dcgan import main
 
     out = tmp_path / "dcgan_digits32.pt"
     main(["--dataset", "digits", "--out", str(out), "--steps", "3", "--ngf", "4"])

@@ -8,11 +8,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_gi.attacks import GIAS, GIML, GradientTasks
+from lightning_gi.attacks import GIAS, GIML
 from lightning_gi.checkpoints import MissingCheckpointError
 from lightning_gi.generators import DCGANGenerator, StyleGAN2Generator, create_generator
 from lightning_gi.labels import SharedLabels
-from lightning_gi.victim import TensorBatchVictim
+from lightning_gi.victim import GradientTasks, TensorBatchVictim
 from lightning_gi.victim.models import LeNet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,7 +177,7 @@ def test_imagenet_config_pools_a_512px_generator_to_64px():
     """Item 7: the ImageNet recipe uses the authors' 512 px generator, average-pooled by 8 to the 64 px victim."""
     import yaml
 
-    from lightning_gi.attacks.gias import pooling_factor
+    from lightning_gi.generators import pooling_factor
     from lightning_gi.generators import get_generator_config
 
     cfg = yaml.safe_load((ROOT / "configs/gias_imagenet64_resnet18.yaml").read_text())
@@ -230,7 +230,7 @@ def test_giml_meta_step_moves_towards_adapted_weights():
 
 
 def test_giml_config_parses():
-    from lightning_gi.attacks.giml import main
+    from lightning_gi.tools.giml import main
 
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", str(ROOT / "configs/giml/dcgan_photos.yaml"), "--print_config"])
@@ -256,7 +256,7 @@ def test_gias_average_pools_stylegan2_output_to_victim_size(victim_size, lean_tr
 
 
 def test_gias_rejects_non_integer_pooling_factor():
-    from lightning_gi.attacks.gias import GenerativeOutput
+    from lightning_gi.generators import GenerativeOutput
 
     torch.manual_seed(0)
     sg = StyleGAN2Generator(z_dim=8, w_dim=8, img_resolution=32, mapping_kwargs=dict(num_layers=2), synthesis_kwargs=dict(channel_base=64, channel_max=8)).eval()

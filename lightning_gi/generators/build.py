@@ -7,14 +7,13 @@ average pooling, channel conversion, normalisation).
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints import find_checkpoint
+from ..checkpoints import resolve_checkpoint
 
 __all__ = ["build_generator", "GenerativeOutput", "generator_to_unit", "pooling_factor", "generator_resolution"]
 
@@ -29,30 +28,31 @@ def build_generator(
     """A generator module from a registry name (+ file) or as given.
 
     ``train_if_missing``: a project-trained prior (``dcgan_digits32``, ``dcgan_photos32``: registry entries with a
-    training recipe) whose file is absent is fitted first, on the PUBLIC pool only (:mod:`.train_dcgan`).
+    training recipe) whose file is absent is fitted first, on the PUBLIC pool only (:mod:`.train_dcgan`), and
+    written where the checkpoint search finds it (:func:`~lightning_gi.checkpoints.resolve_checkpoint`).
     """
     if isinstance(generator, nn.Module):
         return generator
-    from .registry import create_generator, get_generator_config, list_generators
+    from .registry import create_generator, generator_file, get_generator_config, list_generators
 
     cfg = get_generator_config(generator)
-    wanted = checkpoint_path or (cfg.file if pretrained else None)
-    if wanted is not None and find_checkpoint(wanted) is None and train_if_missing:
+    wanted = generator_file(generator, pretrained, checkpoint_path)
+    if wanted is not None and train_if_missing and resolve_checkpoint(wanted, if_missing="none") is None:
         recipe = cfg.extra.get("recipe")
         if recipe is None:
             trainable = [n for n in list_generators() if get_generator_config(n).extra.get("recipe")]
             raise ValueError(f"train_generator_if_missing only applies to the generators trained here ({', '.join(trainable)}), not {generator!r}")
         from .train_dcgan import train_prior_generator
 
-        out = Path(wanted) if (Path(wanted).is_absolute() or len(Path(wanted).parts) > 1) else Path("checkpoints") / wanted
+        out = resolve_checkpoint(wanted, if_missing="destination")
         dataset = recipe.get("dataset")
         warnings.warn(
             f"generator file {wanted} not found: fitting it now to the PUBLIC {dataset} (progress on stderr; "
-            f"beforehand: python -m lightning_gi.generators.train_dcgan --dataset {dataset} --out {out})"
+            f"beforehand: lightning-gi train-dcgan --dataset {dataset} --out {out})"
         )
         train_prior_generator(out=str(out), name=cfg.name, **{**recipe, **(generator_kwargs or {})})
         wanted = str(out)
-    return create_generator(generator, pretrained=pretrained and checkpoint_path is None and wanted == cfg.file, checkpoint_path=wanted, **(generator_kwargs or {}))
+    return create_generator(generator, checkpoint_path=wanted, **(generator_kwargs or {}))
 
 
 def generator_resolution(generator: nn.Module) -> Optional[int]:

@@ -27,7 +27,7 @@ from .dcgan import DCGANGenerator
 from .loaders import filter_state_dict, load_stylegan2_pkl, read_generator_file
 from .stylegan2 import StyleGAN2Generator
 
-__all__ = ["GeneratorConfig", "create_generator", "list_generators", "get_generator_config", "register_generator", "save_generator", "ARCHITECTURES"]
+__all__ = ["GeneratorConfig", "create_generator", "generator_file", "list_generators", "get_generator_config", "register_generator", "save_generator", "ARCHITECTURES"]
 
 NVIDIA_CDN = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/"
 
@@ -120,7 +120,7 @@ _official("stylegan2_cifar10", "cifar10.pkl", 32, "CIFAR-10 32x32 (class-conditi
 # 64x64 victim; their file is not distributed in a format read here. Any StyleGAN2-ADA pickle works: put it in
 # checkpoints/ under the variant's file name (or pass checkpoint_path); the architecture is read from the file,
 # the values below are only the expected defaults. GIAS pools any generator resolution that is an integer
-# multiple of the victim's (lightning_gi.attacks.gias.pooling_factor).
+# multiple of the victim's (lightning_gi.generators.build.pooling_factor).
 register_generator(
     GeneratorConfig(
         "stylegan2_imagenet512",
@@ -162,7 +162,7 @@ register_generator(
         32,
         32,
         file="dcgan_digits32.pt",
-        source="python -m lightning_gi.generators.train_dcgan --dataset digits --out checkpoints/dcgan_digits32.pt (about 12 s of CPU on one thread)",
+        source="lightning-gi train-dcgan --dataset digits (writes checkpoints/dcgan_digits32.pt; about 12 s of CPU on one thread)",
         dataset="scikit-learn digits, PUBLIC pool (index 4 mod 5; disjoint from the attacked digits), 32x32 grey",
         notes="DCGAN fitted by latent optimisation to the public digits; the GIAS demo generator (same distribution as the private digits, disjoint samples)",
         extra={"recipe": {"dataset": "digits", "image_size": 32, "channels": 1, "z_dim": 32, "ngf": 16, "steps": 600, "batch_size": 64}},
@@ -176,7 +176,7 @@ register_generator(
         32,
         64,
         file="dcgan_photos32_public.pt",
-        source="python -m lightning_gi.generators.train_dcgan --dataset photographs --out checkpoints/dcgan_photos32_public.pt (about 1 min of CPU on one thread)",
+        source="lightning-gi train-dcgan --dataset photographs (writes checkpoints/dcgan_photos32_public.pt; about 1 min of CPU on one thread)",
         dataset="bundled photographs, PUBLIC pool (textures, microscopy, astronomy), random crops + mirror images, 32x32",
         notes="DCGAN fitted by latent optimisation to the public photographs: a prior from ANOTHER distribution than the "
         "private photographs (mismatched-prior studies). The file name changed when the prior moved to the public pool, "
@@ -217,6 +217,25 @@ def _build(architecture: str, kwargs: dict[str, Any]) -> nn.Module:
         raise ValueError(f"bad arguments for a {architecture} generator: {err}") from None
 
 
+def generator_file(name: str, pretrained: bool = True, checkpoint_path: Optional[str | os.PathLike] = None) -> Optional[str]:
+    """The file generator ``name`` loads: ``checkpoint_path`` when given, else the variant's expected file when
+    ``pretrained`` (None: random init). Locate it with :func:`lightning_gi.checkpoints.resolve_checkpoint`."""
+    cfg = get_generator_config(name)
+    if checkpoint_path is not None:
+        return os.fspath(checkpoint_path)
+    if not pretrained:
+        return None
+    if cfg.file is None:
+        raise ValueError(f"generator {name!r} has no pretrained file; pass checkpoint_path=... or use one of {list_generators(pretrained=True)}")
+    return cfg.file
+
+
+def generator_file_purpose(name: str, user: str = "") -> str:
+    """What a generator file is for, in :class:`~lightning_gi.checkpoints.MissingCheckpointError` messages."""
+    cfg = get_generator_config(name)
+    return f"generator '{name}'{' for ' + user if user else ''} ({cfg.source or 'see checkpoints/README.md'})"
+
+
 def create_generator(name: str, pretrained: bool = False, checkpoint_path: Optional[str | os.PathLike] = None, **kwargs: Any) -> nn.Module:
     """Build generator ``name``; load its pretrained file (``pretrained=True``) or ``checkpoint_path``.
 
@@ -225,13 +244,9 @@ def create_generator(name: str, pretrained: bool = False, checkpoint_path: Optio
     ``checkpoint_file`` (the path loaded, or None).
     """
     cfg = get_generator_config(name)
-    path = checkpoint_path
-    if path is None and pretrained:
-        if cfg.file is None:
-            raise ValueError(f"generator {name!r} has no pretrained file; pass checkpoint_path=... or use one of {list_generators(pretrained=True)}")
-        path = cfg.file
+    path = generator_file(name, pretrained, checkpoint_path)
     if path is not None:
-        what = f"generator '{name}' ({cfg.source or 'see checkpoints/README.md'})"
+        what = generator_file_purpose(name)
         resolved = resolve_checkpoint(path, what)
         if resolved.suffix == ".pkl":
             if cfg.architecture != "stylegan2":

@@ -14,7 +14,8 @@ Two priors (registry names in :mod:`lightning_gi.generators.registry`):
   (textures, microscopy, astronomy). A DIFFERENT distribution from the private photographs (people, animals,
   objects): a mismatched prior, useful to study that case, not the paper's.
 
-``python -m lightning_gi.generators.train_dcgan --dataset digits --out checkpoints/dcgan_digits32.pt``
+``lightning-gi train-dcgan --dataset digits`` (the command: :mod:`lightning_gi.tools.train_dcgan`) writes
+``checkpoints/dcgan_digits32.pt``.
 
 Adversarial training is slow and unstable at a CPU budget, so the generator is fitted by latent optimisation
 (GLO, Bojanowski et al. 2018): every training image gets a latent code on the sphere of radius sqrt(z_dim)
@@ -23,7 +24,6 @@ Adversarial training is slow and unstable at a CPU budget, so the generator is f
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -222,34 +222,3 @@ def train_digits_generator(out: Optional[str] = "checkpoints/dcgan_digits32.pt",
 def train_photos_generator(out: Optional[str] = "checkpoints/dcgan_photos32_public.pt", **kwargs: Any) -> DCGANGenerator:
     """The ``dcgan_photos32`` prior (PUBLIC photographs); ``kwargs`` override :func:`prior_recipe`."""
     return train_prior_generator(out, name="dcgan_photos32", **{**prior_recipe("dcgan_photos32"), **kwargs})
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", choices=("digits", "photographs"), default="digits", help="public pool to fit (default: digits)")
-    p.add_argument("--out", default=None, help="output file (default: checkpoints/<registry file name>)")
-    p.add_argument("--image-size", type=int, choices=(32, 64), default=None)
-    p.add_argument("--z-dim", type=int, default=None)
-    p.add_argument("--ngf", type=int, default=None)
-    p.add_argument("--crops-per-photo", type=int, default=None, help="photographs only")
-    p.add_argument("--crop-seed", type=int, default=None, help="photographs only")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    a = p.parse_args(argv)
-    from .registry import get_generator_config
-
-    name = "dcgan_digits32" if a.dataset == "digits" else "dcgan_photos32"
-    recipe = prior_recipe(name)
-    given = dict(image_size=a.image_size, z_dim=a.z_dim, ngf=a.ngf, crops_per_photo=a.crops_per_photo, crop_seed=a.crop_seed, steps=a.steps, batch_size=a.batch_size)
-    recipe.update({k: v for k, v in given.items() if v is not None})
-    out = a.out or f"checkpoints/{get_generator_config(name).file}"
-    torch.set_num_threads(a.threads)
-    t0 = time.perf_counter()
-    g = train_prior_generator(out, seed=a.seed, name=name if recipe["image_size"] == 32 else None, **recipe)
-    print(f"wrote {out} in {time.perf_counter() - t0:.0f}s; fit: {g.training_stats}")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -12,18 +12,19 @@ From a few public images (the authors use ~40 web images) the attacker computes,
 The result is small (a few ``[feature_dim]`` vectors) and is written once per victim model to a file that
 any attack's :class:`~lightning_gi.labels.EvolutionaryLabelCounts` can reuse::
 
-    lightning-gi aux-stats --model resnet34 --weights-path resnet34-b627a593.pth \\
-        --num-classes 1000 --image-size 224 --out checkpoints/resnet34_aux_stats.pt
+    lightning-gi aux-stats --model resnet34 --weights_path resnet34-b627a593.pth \\
+        --num_classes 1000 --image_size 224 --out checkpoints/resnet34_aux_stats.pt
+
+(the command is :mod:`lightning_gi.tools.aux_stats`; this module only computes, saves and loads).
 
 The file is a ``torch.save``d dict of tensors plus a ``metadata`` dict of strings/ints (loads with
 ``weights_only=True``), or a ``.safetensors`` file (tensors; metadata as strings).
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, get_args
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +38,7 @@ __all__ = [
     "save_auxiliary_stats",
     "load_auxiliary_stats",
     "AUX_SOURCES",
+    "AuxSource",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
 ]
@@ -46,7 +48,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Every source is the PUBLIC pool of bundled images (lightning_gi.victim.data: disjoint from the private
 # photographs a victim's batch is cut from, checked by source identity); random crops drawn with their own
 # seed. "public" is the name; "photographs" and "textures" are kept as aliases of it for older configs.
-AUX_SOURCES = ("public", "photographs", "textures")
+AuxSource = Literal["public", "photographs", "textures"]
+AUX_SOURCES: tuple[str, ...] = get_args(AuxSource)
 
 
 @dataclass
@@ -170,12 +173,9 @@ def save_auxiliary_stats(stats: AuxiliaryStats, path: str | os.PathLike) -> None
 
 def load_auxiliary_stats(path: str | os.PathLike) -> AuxiliaryStats:
     """Read a file written by :func:`save_auxiliary_stats` (never executes code from the file)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"auxiliary statistics file '{path}' not found; create it with "
-            "`lightning-gi aux-stats --model ... --out {path}`"
-        )
+    from ..checkpoints import resolve_checkpoint
+
+    path = os.fspath(resolve_checkpoint(path, f"auxiliary statistics (create them with `lightning-gi aux-stats --model ... --out {os.fspath(path)}`)"))
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
@@ -196,52 +196,11 @@ def load_auxiliary_stats(path: str | os.PathLike) -> AuxiliaryStats:
 
 
 def main(argv: Optional[list[str]] = None) -> AuxiliaryStats:
-    p = argparse.ArgumentParser(
-        prog="lightning-gi aux-stats",
-        description="Sorted-feature statistics of public images on a victim model (Ye et al. 2024, Stage I).",
-    )
-    p.add_argument("--model", default="resnet34", help="torchvision model name (e.g. resnet18, resnet34)")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--weights-path", default=None, help="local state dict (bare names are searched in checkpoints/)")
-    p.add_argument("--model-seed", type=int, default=None, help="untrained victim: seed of its initialisation")
-    p.add_argument("--calibrate-bn", action="store_true",
-                   help="untrained victim: BN running statistics from the bundled public images (as the demo victim)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--source", choices=AUX_SOURCES, default="public", help="bundled public images (all names alias it)")
-    p.add_argument("--image-folder", default=None, help="use every image under this folder instead of --source")
-    p.add_argument("--count", type=int, default=40)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--mean", type=float, nargs=3, default=list(IMAGENET_MEAN))
-    p.add_argument("--std", type=float, nargs=3, default=list(IMAGENET_STD))
-    p.add_argument("--positions", type=int, default=20, help="M, number of lowest-CV positions")
-    p.add_argument("--out", required=True, help="output file (.pt or .safetensors)")
-    args = p.parse_args(argv)
+    """``lightning-gi aux-stats`` (kept here for ``python -m lightning_gi.labels.auxiliary_stats``): see
+    :mod:`lightning_gi.tools.aux_stats`, which parses the command line."""
+    from ..tools.aux_stats import main as command
 
-    from ..victim.calibration import bn_calibrated_classifier
-    from ..victim.models import torchvision_classifier
-
-    if args.calibrate_bn:
-        model = bn_calibrated_classifier(args.model, args.num_classes, image_size=args.image_size, mean=args.mean,
-                                         std=args.std, seed=args.model_seed or 0, weights_path=args.weights_path)
-    else:
-        model = torchvision_classifier(args.model, num_classes=args.num_classes, weights_path=args.weights_path)
-        if args.model_seed is not None:
-            from ..victim.models import reinitialise
-
-            reinitialise(model, args.model_seed)
-    images = None
-    if args.image_folder:
-        from ..victim.data import image_folder
-
-        ds = image_folder(args.image_folder, args.image_size, 3)
-        images = torch.stack([ds[i][0] for i in range(len(ds))])
-    stats = auxiliary_stats_for_model(model.eval(), args.source, args.image_size, args.count, args.seed, args.mean,
-                                      args.std, args.positions, images=images)
-    stats.metadata.update({"model": args.model, "weights_path": str(args.weights_path), "model_seed": str(args.model_seed)})
-    save_auxiliary_stats(stats, args.out)
-    print(f"wrote {args.out}: {stats.num_images} images, feature_dim {stats.feature_dim}, "
-          f"positions {stats.positions.tolist()}")
-    return stats
+    return command(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,7 @@ from .datamodule import (
 )
 from .defenses import Defense, GaussianNoise, GradientClipping, LaplaceNoise, LowPrecision, TopKPruning
 from .models import ConvNet, LeNet, reinitialise, torchvision_classifier
+from .tasks import GradientTask, GradientTasks
 from .threat_models import FedAvgClient, FedSGDClient, ThreatModelVictim
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "FedSGDClient",
     "GaussianNoise",
     "GradientClipping",
+    "GradientTask",
+    "GradientTasks",
     "LaplaceNoise",
     "LowPrecision",
     "ThreatModelVictim",
