@@ -14,7 +14,6 @@ from lightning_gi.victim.defenses import (
     LaplaceNoise,
     LowPrecision,
     TopKPruning,
-    apply_defenses,
     global_norm,
 )
 from lightning_gi.victim.dpsgd import (
@@ -98,9 +97,23 @@ def test_noise_is_reproducible_by_seed_and_zero_is_identity(grads):
 
 def test_independent_noise_per_generator(grads):
     d = GaussianNoise(1e-2, seed=0)
-    x = apply_defenses([d], grads, torch.Generator().manual_seed(1))
-    y = apply_defenses([d], grads, torch.Generator().manual_seed(2))
+    x = d.apply(grads, torch.Generator().manual_seed(1))
+    y = d.apply(grads, torch.Generator().manual_seed(2))
     assert not torch.equal(x[0], y[0])
+
+
+def test_one_seeding_rule_client_zero_draws_the_lone_clients_noise_and_clients_differ(grads):
+    """lightning_gi.client.apply_defenses: client 0 draws exactly what the defense alone draws from its seed;
+    other clients draw independent noise; two seeded defenses in one pipeline draw from their own seeds."""
+    from lightning_gi.client import apply_defenses
+
+    d = GaussianNoise(1e-2, seed=5)
+    alone = d(grads)
+    assert all(torch.equal(a, b) for a, b in zip(apply_defenses([d], grads, client_index=0), alone))
+    assert not torch.equal(apply_defenses([d], grads, client_index=1)[0], alone[0])
+    two = apply_defenses([GaussianNoise(1e-2, seed=5), LaplaceNoise(1e-2, seed=9)], grads, client_index=0)
+    expected = LaplaceNoise(1e-2, seed=9)(GaussianNoise(1e-2, seed=5)(grads))
+    assert all(torch.equal(a, b) for a, b in zip(two, expected))
 
 
 # ---------------------------------------------------------------------------------------- clipping

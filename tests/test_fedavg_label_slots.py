@@ -75,7 +75,7 @@ def test_searched_assignment_matches_exactly_at_the_true_batch_and_recovers_it(t
     trainer = pl.Trainer(max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=str(tmp_path))
     trainer.fit(attack, datamodule=dm)
-    spec = attack.update_spec()
+    spec = attack.threat_model
     classes = slot_classes(spec, 4)
     # the chosen layout is the true one up to the update's symmetry (the two clients may be swapped)
     assert assignment_key(tuple(attack.labels.tolist()), classes, False) == assignment_key(tuple(labels.tolist()), classes, False)

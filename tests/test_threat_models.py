@@ -12,6 +12,7 @@ import yaml
 from torch import nn
 
 from lightning_gi.attacks.fedavg import FedAvgDLG, FedAvgIDLG
+from lightning_gi.labels import SharedLabels
 from lightning_gi.metrics import reconstruction_metrics
 from lightning_gi.observation import GradientObservation, client_gradients
 from lightning_gi.victim import LeNet
@@ -221,7 +222,7 @@ def test_attack_matches_exactly_at_the_true_batch():
         at_init = attack.matching_distance(attack.victim_gradients(attack.dummy_images, labels)).item()
     assert at_truth < 1e-10 * at_init and at_init > 0
     # normalised: the target is the update / -lr
-    spec = attack.update_spec()
+    spec = attack.threat_model
     raw = simulate_shared_update(model, images, labels, spec)
     torch.testing.assert_close(attack._target_gradients[0], raw[0] / -0.1, atol=1e-6, rtol=1e-5)
 
@@ -237,7 +238,7 @@ def test_explicit_hyperparameters_for_an_observation_without_metadata():
     with torch.enable_grad():
         assert attack.matching_distance(attack.victim_gradients(images, labels)).item() < 1e-10
     plain = FedAvgIDLG().bind(inputs)  # without the hyperparameters it would be matched as a gradient
-    assert plain.update_spec().threat_model == "fedsgd"
+    assert plain.threat_model.threat_model == "fedsgd"
 
 
 def _psnr(images, truth):
@@ -295,7 +296,7 @@ def test_configs_run_as_is(tmp_path, config):
     if "fedavg" in config:
         assert isinstance(dm.client, FedAvgClient) and dm.client.local_steps == 4 and dm.num_clients == 2
         assert dm.observation.metadata["threat_model"] == "fedavg" and dm.observation.batch_size == 4
-        assert isinstance(cli.model, FedAvgIDLG) and cli.model.update_spec().client_batch_sizes == [2, 2]
+        assert isinstance(cli.model, FedAvgIDLG) and cli.model.threat_model.client_batch_sizes == [2, 2]
     else:
         kinds = [type(d).__name__ for d in dm.defenses]
         assert kinds == [d["class_path"].rsplit(".", 1)[1] for d in source["data"]["init_args"]["defenses"]]
@@ -338,3 +339,37 @@ def test_metadata_carries_nothing_that_rebuilds_the_private_batch():
     assert meta["defenses"].startswith("GaussianNoise(") and "std=0.01" in meta["defenses"]
     assert meta["client_batch_sizes"] == "2,2" and meta["local_steps"] == 2 and meta["local_lr"] == 0.1
     assert dm.ground_truth().images.shape == (4, 3, 16, 16)  # the metrics still get the batch
+
+
+# ------------------------------------------------------------------------------- FedAvg is a property of the observation
+def test_every_attack_matches_a_fedavg_update_through_the_one_client_simulation():
+    """Plain IDLG, DLG and Inverting Gradients (not FedAvg subclasses) read the threat model from the
+    observation's metadata: at the true batch their matching distance is ~0, at their random start it is not."""
+    from lightning_gi.attacks import DLG, IDLG, InvertingGradients
+
+    model = _lenet(size=16)
+    images, labels = _photos(2, size=16)
+    dm = ThreatModelVictim.from_tensors(model, images, labels, client=FedAvgClient(3, 0.1, 1), share_labels=True)
+    dm.setup()
+    for attack in (IDLG(label_strategy=SharedLabels()), InvertingGradients(label_strategy=SharedLabels(), restarts=1), DLG()):
+        attack.bind(dm.attack_inputs())
+        assert attack.threat_model.threat_model == "fedavg" and attack.threat_model.local_steps == 3
+        targets = labels if getattr(attack, "labels", None) is not None else torch.nn.functional.one_hot(labels, 10).float()
+        with torch.enable_grad():
+            at_truth = attack.update_distance(images, targets)
+            start = attack.initial_images(torch.Generator().manual_seed(0))
+            at_start = attack.update_distance(start, targets)
+        assert at_truth < 1e-5 * at_start, type(attack).__name__  # cosine (IG): float32 rounding ~1e-7
+
+
+def test_fedsgd_observation_keeps_the_single_gradient_fast_path():
+    from lightning_gi.attacks import IDLG
+
+    model = _lenet(size=16)
+    images, labels = _photos(2, size=16)
+    dm = ThreatModelVictim.from_tensors(model, images, labels)
+    dm.setup()
+    attack = IDLG().bind(dm.attack_inputs())
+    assert attack.threat_model.is_single_gradient and attack.threat_model.pseudo_gradient_scale == 1.0
+    with torch.enable_grad():
+        assert attack.update_distance(images, labels) < 1e-12

@@ -28,10 +28,12 @@ import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from ..client import ThreatModel, cross_entropy, forward_keeping_buffers
 from ..labels import LabelStrategy
 from ..objectives.distances import prepare_distance, squared_l2
-from ..observation import GradientObservation, forward_keeping_buffers
+from ..observation import GradientObservation
 from ..victim.datamodule import AttackInputs
+from .label_slots import LabelSlotSearch
 
 INIT_CHOICES = ("randn", "rand", "half", "zeros")
 
@@ -119,6 +121,11 @@ class GradientInversionAttack(pl.LightningModule):
         # Multi-process: what this rank owns (lightning_gi.distributed.Shard), set in setup() by a gi_shard /
         # gi_restarts strategy; None (the default) means this process runs the whole inversion.
         self.shard: Optional[Any] = None
+        # What the client computed and shared (read from the observation in bind(); settable before bind() for an
+        # observation whose metadata does not say), and how recovered labels are placed into its slots.
+        self.threat_model = ThreatModel()
+        self.threat_model_overrides: dict[str, Any] = {}
+        self.label_slots = LabelSlotSearch()
 
     # ------------------------------------------------------------------ binding the victim
     @property
@@ -158,8 +165,12 @@ class GradientInversionAttack(pl.LightningModule):
         for p in model.parameters():
             p.requires_grad_(True)
         self._inputs = inputs
+        self.threat_model = self.read_threat_model(inputs.observation)
         self._victim_params = list(model.parameters())
-        self._target_gradients = [g.to(device=device, dtype=p.dtype) for g, p in zip(inputs.observation.gradients, self._victim_params)]
+        scale = self.threat_model.pseudo_gradient_scale
+        self._target_gradients = [
+            g.to(device=device, dtype=p.dtype) * scale for g, p in zip(inputs.observation.gradients, self._victim_params)
+        ]
         self.loss_reduction = inputs.observation.loss_reduction
         labels = self.recover_labels()
         if labels is not None:
@@ -174,15 +185,56 @@ class GradientInversionAttack(pl.LightningModule):
         for prior in self.priors:
             if hasattr(prior, "attach"):
                 prior.attach(model)
+        if self.label_slots.applies(self):
+            self.label_slots.search(self, gen)
         self.register_buffer("best_loss", torch.tensor(math.inf))
         self.register_buffer("best_images", self.initial_images(gen).detach().clone())
         self.to(device)
         return self
 
+    def read_threat_model(self, observation: GradientObservation) -> ThreatModel:
+        """What the client computed and shared, read from the observation's metadata (absent keys: one FedSGD
+        client; :attr:`threat_model_overrides` replace entries). Every attack matches the simulated shared update of
+        its dummy batch under this threat model."""
+        try:
+            return ThreatModel.from_metadata(observation.metadata, observation.batch_size, self.threat_model_overrides)
+        except ValueError as err:
+            raise ValueError(f"the observation's threat-model metadata is inconsistent: {err}") from None
+
+    def pseudo_gradient_observation(self) -> GradientObservation:
+        """The observation as a gradient-scale quantity (a FedAvg update divided by ``-local_lr``: one local step
+        then IS the FedSGD gradient), what label rules read; the observation itself for FedSGD."""
+        obs = self.observation
+        scale = self.threat_model.pseudo_gradient_scale
+        if scale == 1.0:
+            return obs
+        return GradientObservation(
+            gradients=[g * scale for g in obs.gradients], batch_size=obs.batch_size, labels=obs.labels,
+            param_names=obs.param_names, loss_reduction=obs.loss_reduction, metadata=dict(obs.metadata),
+            buffers=obs.buffers,
+        )
+
+    def assign_labels(self, order: Sequence[int], images: Optional[Tensor] = None) -> None:
+        """Permute the fixed labels into the slot order ``order`` (the label-to-slot search's result); ``images``
+        ([N, C, H, W], the images that go with them) warm-start the unknowns when those are plain dummy images
+        of that shape."""
+        self.labels = self.labels[list(order)]
+        current = getattr(self, "dummy_images", None)
+        if images is not None and isinstance(current, nn.Parameter) and current.shape == images.shape:
+            with torch.no_grad():
+                current.copy_(images.to(current))
+
+    def update_distance(self, images: Tensor, labels: Tensor) -> float:
+        """The scoring distance of (images, labels)' simulated update, without a graph (inf when not finite)."""
+        with torch.enable_grad():
+            grads = self.victim_gradients(images.detach(), labels)
+        value = float(self.scoring_distance([g.detach() for g in grads]))
+        return value if math.isfinite(value) else math.inf
+
     def recover_labels(self) -> Optional[Tensor]:
         if self.label_strategy is None:
             return None
-        return self.label_strategy(self.observation, self.victim)
+        return self.label_strategy(self.pseudo_gradient_observation(), self.victim)
 
     def initial_images(self, generator: torch.Generator) -> Tensor:
         """A dummy batch in the victim's input space, drawn from ``generator`` per :attr:`init`.
@@ -223,18 +275,25 @@ class GradientInversionAttack(pl.LightningModule):
 
     # ------------------------------------------------------------------ the objective
     def victim_gradients(self, images: Tensor, targets: Tensor) -> list[Tensor]:
-        """Gradient of the client's loss on the dummy batch, kept differentiable (create_graph)."""
+        """The shared update the client would send for the dummy batch, kept differentiable (create_graph):
+        one FedSGD gradient (the fast path), or :meth:`lightning_gi.client.ThreatModel.simulate` (FedAvg local
+        steps, several clients) scaled like the targets (:attr:`ThreatModel.pseudo_gradient_scale`)."""
+        tm = self.threat_model
+        if not tm.is_single_gradient:
+            if self.batch_sharded:
+                raise ValueError(
+                    f"batch sharding (gi_shard) supports one FedSGD gradient; the observation is a "
+                    f"{tm.threat_model} update of {len(tm.sizes(self.batch_size))} client(s): use gi_restarts or one process"
+                )
+            update = tm.simulate(self.victim, images, targets, params=self._victim_params, create_graph=True)
+            scale = tm.pseudo_gradient_scale
+            return [u * scale for u in update] if scale != 1.0 else update
         reduction = "sum" if self.batch_sharded else self.loss_reduction  # sharded: sum, all-reduce, / N
         if self.batch_sharded:
             self.shard.check_local_batch(images.shape[0], self.batch_size, self)
             if targets.shape[0] != images.shape[0]:
                 targets = targets[self.local_slice]  # full-batch labels, this rank's images
-        logits = forward_keeping_buffers(self.victim, images)
-        if targets.dtype == torch.long:
-            loss = nn.functional.cross_entropy(logits, targets, reduction=reduction)
-        else:  # soft labels (DLG): cross-entropy against a distribution
-            per_sample = -(targets * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
-            loss = per_sample.mean() if reduction == "mean" else per_sample.sum()
+        loss = cross_entropy(forward_keeping_buffers(self.victim, images), targets, reduction)
         return self.reduce_gradients(list(torch.autograd.grad(loss, self._victim_params, create_graph=True)))
 
     def reduce_gradients(self, grads: list[Tensor]) -> list[Tensor]:

@@ -272,17 +272,6 @@ class LowPrecision(Defense):
         return {"fp16": 16.0, "bf16": 16.0, "int8": 8.0}[self.precision]
 
 
-def apply_defenses(
-    defenses: list[Defense], gradients: list[Tensor], generator: Optional[torch.Generator] = None
-) -> list[Tensor]:
-    """Apply ``defenses`` in order. With ``generator`` every defense draws from it (independent noise per
-    client in multi-client simulations); without, each uses its own seed (:meth:`Defense.__call__`)."""
-    out = [g.detach() for g in gradients]
-    for d in defenses:
-        out = list(d.apply(out, generator) if generator is not None else d(out))
-    return out
-
-
 __all__ = [
     "Defense",
     "GaussianNoise",
@@ -290,6 +279,5 @@ __all__ = [
     "LaplaceNoise",
     "LowPrecision",
     "TopKPruning",
-    "apply_defenses",
     "global_norm",
 ]

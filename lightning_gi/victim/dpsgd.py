@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .threat_models import ClientUpdate
+from ..client import ClientUpdate, client_generator
 
 
 def _has_train_mode_batchnorm(model: nn.Module) -> bool:
@@ -101,7 +101,7 @@ class DPSGDClient(ClientUpdate):
     Args:
         clip_norm: per-example L2 clip norm C (> 0).
         noise_multiplier: sigma (>= 0): the noise std on the clipped sum is sigma * C.
-        seed: noise seed (client k uses seed + k); None: torch's global RNG.
+        seed: noise seed (client k draws from :func:`lightning_gi.client.client_seed`); None: torch's global RNG.
         sample_rate: the client's sampling probability per step, for the accountant only (0, 1].
         accounting_steps: steps the accountant composes (1: this one shared gradient).
         delta: the delta at which epsilon is reported.
@@ -143,9 +143,7 @@ class DPSGDClient(ClientUpdate):
         return rdp_epsilon(self.noise_multiplier, self.sample_rate, self.accounting_steps, self.delta)
 
     def compute(self, model, images, labels, client_index=0):  # type: ignore[override]
-        gen = None
-        if self.seed is not None:
-            gen = torch.Generator().manual_seed(int(self.seed) + client_index)
+        gen = client_generator(self.seed, client_index)  # the clients' one seeding rule
         grads = dp_sgd_gradient(model, images, labels, self.clip_norm, self.noise_multiplier, gen)
         return grads, {n: b.detach().clone() for n, b in model.named_buffers()}
 
