@@ -29,16 +29,20 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow
 
-# Speed and quality benchmarks; JSON lands in benchmarks/results/ (CPU: tens of minutes each).
+# Speed and quality benchmarks (python -m benchmarks.<name>; add --smoke for a seconds-long check): one JSON
+# envelope each in benchmarks/results/ (CPU: tens of minutes each).
 bench: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/loop_overhead.py
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/dlg_vs_idlg.py
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/objectives_bench.py
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/attack_vs_defense.py
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/restarts_throughput.py
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/stepwise_labels.py
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/stepwise_inversion.py
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/gias_bench.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.loop_overhead
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.speed
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.dlg_vs_idlg
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.objectives_bench wdlg
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.objectives_bench inverting
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.objectives_bench speed
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.attack_vs_defense
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.restarts_throughput
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.stepwise_labels
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.stepwise_inversion
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.gias_bench
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

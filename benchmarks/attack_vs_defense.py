@@ -6,34 +6,49 @@ captured with the defense, the attack runs, and the reconstruction is scored (PS
 its backbone file is on disk, label accuracy, "recovered" = MSE < 1e-3). Outputs in
 benchmarks/results/ (or --out):
 
-    attack_vs_defense.csv   one row per run
+    attack_vs_defense.json  one row per run (the JSON envelope of benchmarks/common.py)
+    attack_vs_defense.csv   the same rows
     attack_vs_defense.md    mean over cases per (attack, defense, strength)
     attack_vs_defense.png   PSNR / LPIPS (SSIM without LPIPS) / label accuracy vs defense strength
 
 Default grid (CPU, 1 thread: about 8 minutes unloaded, 16 on a busy 2-core machine): sigmoid LeNet 32x32, iDLG and DLG (100 L-BFGS steps) and Inverting
-Gradients (1,000 signed-Adam steps) if available, Gaussian noise std 0/1e-4/1e-3/1e-2/1e-1, top-k
+Gradients (1,000 signed-Adam steps), Gaussian noise std 0/1e-4/1e-3/1e-2/1e-1, top-k
 pruning 0/20/50/90/99%, 1 case (--cases for more). ``--paper`` selects the paper-scale grid (GPU): 300 L-BFGS steps,
 Inverting Gradients 4,000 steps, Gaussian and Laplace noise, relative Laplace (0.1 x max per layer as
 in the stepwise paper), pruning 0..99%, fp16/bf16/int8, 8 cases.
 
-    python benchmarks/attack_vs_defense.py                      # default grid
-    python benchmarks/attack_vs_defense.py --paper --device cuda
-    python benchmarks/attack_vs_defense.py --attacks idlg --families prune --cases 1 --steps 20
+Every run is a shipped recipe run through ``lightning_gi.cli.run``: the attack section of
+configs/idlg_lenet.yaml, configs/dlg_lenet.yaml or configs/inverting_gradients_demo.yaml, on the victim section of
+configs/idlg_lenet.yaml with the grid's model, dataset, case (``model_seed`` = ``batch_seed``) and defenses
+(``benchmarks.common.run_recipe(edit=...)``). Scores come from each run's ``metrics.json``.
+
+    python -m benchmarks.attack_vs_defense                      # default grid
+    python -m benchmarks.attack_vs_defense --paper --device cuda
+    python -m benchmarks.attack_vs_defense --attacks idlg --families prune --cases 1 --steps 20
+    python -m benchmarks.attack_vs_defense --smoke              # seconds
 """
 from __future__ import annotations
 
+if __package__ in (None, ""):  # python benchmarks/attack_vs_defense.py: import this package (not opacus's "benchmarks")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
+import copy
 import csv
 import math
-import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, lean_trainer, single_thread  # noqa: E402
+from benchmarks.common import add_common_arguments, config_path, environment, results_dir, run_recipe, single_thread, write_result
+
+RECIPES = {"idlg": "idlg_lenet.yaml", "dlg": "dlg_lenet.yaml", "ig": "inverting_gradients_demo.yaml"}
 
 # family -> (label of the strength axis, default strengths, paper strengths, builder)
 FAMILIES: dict[str, tuple[str, list[float], list[float]]] = {
@@ -48,56 +63,52 @@ DEFAULT_FAMILIES = ["noise", "prune"]
 PAPER_FAMILIES = ["noise", "laplace", "laplace_rel", "prune", "precision"]
 
 
-def build_defenses(family: str, strength: float, seed: int) -> list[Any]:
-    from lightning_gi.victim.defenses import GaussianNoise, GradientClipping, LaplaceNoise, LowPrecision, TopKPruning
-
+def build_defenses(family: str, strength: float, seed: int) -> list[dict[str, Any]]:
+    """The defense list of the victim section (class_path / init_args) for one grid cell."""
+    d = "lightning_gi.victim.defenses."
     if family == "noise":
-        return [GaussianNoise(std=strength, seed=seed)] if strength > 0 else []
+        return [{"class_path": d + "GaussianNoise", "init_args": {"std": strength, "seed": seed}}] if strength > 0 else []
     if family == "laplace":
-        return [LaplaceNoise(scale=strength, seed=seed)] if strength > 0 else []
+        return [{"class_path": d + "LaplaceNoise", "init_args": {"scale": strength, "seed": seed}}] if strength > 0 else []
     if family == "laplace_rel":
-        return [LaplaceNoise(scale=strength, relative=True, seed=seed)] if strength > 0 else []
+        return [{"class_path": d + "LaplaceNoise", "init_args": {"scale": strength, "relative": True, "seed": seed}}] if strength > 0 else []
     if family == "prune":
-        return [TopKPruning(prune_ratio=strength)] if strength > 0 else []
+        return [{"class_path": d + "TopKPruning", "init_args": {"prune_ratio": strength}}] if strength > 0 else []
     if family == "precision":
-        return {32: [], 16: [LowPrecision("fp16")], 8: [LowPrecision("int8")]}[int(strength)]
+        fmt = {32: None, 16: "fp16", 8: "int8"}[int(strength)]
+        return [{"class_path": d + "LowPrecision", "init_args": {"precision": fmt}}] if fmt else []
     if family == "clip":
-        return [GradientClipping(max_norm=strength)] if math.isfinite(strength) else []
+        return [{"class_path": d + "GradientClipping", "init_args": {"max_norm": strength}}] if math.isfinite(strength) else []
     raise ValueError(f"unknown defense family {family!r}; choose from {sorted(FAMILIES)}")
 
 
-def available_attacks() -> dict[str, Callable[[int], Any]]:
-    from lightning_gi.attacks import DLG, IDLG
-
-    attacks: dict[str, Callable[[int], Any]] = {"idlg": lambda seed: IDLG(seed=seed), "dlg": lambda seed: DLG(seed=seed)}
-    try:
-        from lightning_gi.attacks import InvertingGradients
-
-        attacks["ig"] = lambda seed: InvertingGradients(seed=seed)
-    except ImportError:
-        pass
-    return attacks
-
-
-def build_model(name: str, num_classes: int, image_size: int, channels: int) -> torch.nn.Module:
-    from lightning_gi.victim.models import LeNet, torchvision_classifier
-
+def victim_model(name: str, num_classes: int, image_size: int, channels: int) -> dict[str, Any]:
+    """The victim network as a config section."""
     if name == "lenet":
-        return LeNet(num_classes=num_classes, in_channels=channels, image_size=image_size)
-    return torchvision_classifier(name, num_classes=num_classes, in_channels=channels)
+        return {"class_path": "lightning_gi.victim.LeNet",
+                "init_args": {"num_classes": num_classes, "in_channels": channels, "image_size": image_size}}
+    return {"class_path": "lightning_gi.victim.torchvision_classifier",
+            "init_args": {"name": name, "num_classes": num_classes, "in_channels": channels}}
 
 
-def run_one(attack: Any, model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, defenses: list[Any],
-            steps: int, device: str, lpips_model: Optional[torch.nn.Module]) -> dict[str, Any]:
-    from lightning_gi.metrics import reconstruction_metrics
-    from lightning_gi.victim import TensorBatchVictim
+def run_one(attack: str, case: int, defenses: list[dict[str, Any]], steps: int, args: argparse.Namespace,
+            work: str) -> dict[str, Any]:
+    """One grid cell: the attack's recipe on the shared victim section with ``defenses``; scores from metrics.json."""
+    data = copy.deepcopy(yaml.safe_load(config_path(RECIPES["idlg"]).read_text())["data"])
+    data["init_args"].update({
+        "model": victim_model(args.model, args.num_classes, args.image_size, args.channels), "model_seed": case,
+        "dataset": args.dataset, "data_root": args.data_root, "batch_size": 1, "batch_seed": case,
+        "image_shape": [args.channels, args.image_size, args.image_size], "defenses": defenses})
 
-    victim = TensorBatchVictim(model, image, label, defenses=defenses)
-    t0 = time.perf_counter()
-    lean_trainer(steps, accelerator=device).fit(attack, datamodule=victim)
-    seconds = time.perf_counter() - t0
-    rec = attack.reconstruction()
-    m = reconstruction_metrics(rec["images"], image, rec["labels"], label, lpips_model)
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["data"] = data
+        cfg["model"]["init_args"]["seed"] = case
+        if attack == "ig":
+            cfg["model"]["init_args"]["label_strategy"] = {"class_path": "lightning_gi.labels.IDLGLabels"}
+
+    accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
+    overrides = [f"--trainer.max_steps={steps}", "--trainer.logger=false", f"--trainer.accelerator={accelerator}"]
+    m, _ = run_recipe(config_path(RECIPES[attack]), overrides, f"{work}/{attack}_{len(list(Path(work).iterdir()))}", edit=edit)
     return {
         "psnr": m["psnr"],
         "ssim": m["ssim"],
@@ -105,8 +116,8 @@ def run_one(attack: Any, model: torch.nn.Module, image: torch.Tensor, label: tor
         "lpips": m["lpips"] if m["lpips"] is not None else math.nan,
         "label_accuracy": m["label_accuracy"],
         "recovered": float(m["mse"] < 1e-3),
-        "matching_distance": rec["matching_distance"],
-        "seconds": seconds,
+        "matching_distance": m["matching_distance"],
+        "seconds": m["seconds"],
     }
 
 
@@ -199,7 +210,7 @@ def write_plot(path: Path, summary: list[dict[str, Any]], families: list[str]) -
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paper", action="store_true", help="paper-scale grid (use a GPU)")
-    parser.add_argument("--attacks", nargs="+", default=None, help="subset of: idlg dlg ig (default: all available)")
+    parser.add_argument("--attacks", nargs="+", default=None, help="subset of: idlg dlg ig (default: all)")
     parser.add_argument("--families", nargs="+", default=None, choices=sorted(FAMILIES), help="defense families")
     parser.add_argument("--strengths", nargs="+", type=float, default=None, help="override the strengths (one family)")
     parser.add_argument("--cases", type=int, default=None, help="private cases (victim seed + image) per cell")
@@ -212,14 +223,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--out", default=str(RESULTS), help="output directory")
+    parser.add_argument("--out", default=None, help="output directory (same as --results-dir)")
     parser.add_argument("--name", default="attack_vs_defense", help="output file stem")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.attacks, args.families, args.strengths, args.cases, args.steps = ["idlg"], ["prune"], [0.0, 0.5], 1, 2
     single_thread()
 
     from lightning_gi.metrics import load_lpips
-    from lightning_gi.victim.data import build_dataset, select_batch
-    from lightning_gi.victim.models import reinitialise
 
     families = args.families or (PAPER_FAMILIES if args.paper else DEFAULT_FAMILIES)
     if args.strengths is not None and len(families) != 1:
@@ -227,41 +239,38 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     cases = args.cases if args.cases is not None else (8 if args.paper else 1)
     steps = args.steps if args.steps is not None else (300 if args.paper else 100)
     ig_steps = args.ig_steps if args.ig_steps is not None else (4000 if args.paper else 1000)
-    registry = available_attacks()
-    names = args.attacks or list(registry)
-    unknown = [n for n in names if n not in registry]
+    names = args.attacks or list(RECIPES)
+    unknown = [n for n in names if n not in RECIPES]
     if unknown:
-        parser.error(f"unknown/unavailable attacks {unknown}; available: {sorted(registry)}")
+        parser.error(f"unknown attacks {unknown}; available: {sorted(RECIPES)}")
 
-    dataset = build_dataset(args.dataset, root=args.data_root, image_size=args.image_size, channels=args.channels)
-    model = build_model(args.model, args.num_classes, args.image_size, args.channels)
-    lpips_model = load_lpips("alex", device=args.device)
-    out = Path(args.out)
+    lpips_model = load_lpips("alex", device=args.device)  # only to say whether LPIPS is scored (metrics.json)
+    out = results_dir(args.out or args.results_dir, smoke=args.smoke)
     out.mkdir(parents=True, exist_ok=True)
     settings = {
         "model": args.model, "dataset": args.dataset, "image_size": args.image_size, "batch": 1, "cases": cases,
         "lbfgs_steps": steps, "ig_steps": ig_steps, "device": args.device,
         "lpips": "alex" if lpips_model is not None else "unavailable (no backbone file)",
+        "attacks": names, "families": families, "smoke": args.smoke,
+        "recipes": {n: f"configs/{RECIPES[n]}" for n in names},
     }
     print("settings:", settings, flush=True)
 
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     undefended: dict[tuple[int, str], dict[str, Any]] = {}
+    work = tempfile.TemporaryDirectory()
     for case in range(cases):
-        reinitialise(model, case)
-        image, label, _ = select_batch(dataset, 1, seed=case)
         for fam in families:
             strengths = args.strengths if args.strengths is not None else FAMILIES[fam][2 if args.paper else 1]
             for strength in strengths:
                 for name in names:
                     defenses = build_defenses(fam, float(strength), seed=case)
-                    attack = registry[name](case)
                     n_steps = ig_steps if name == "ig" else steps
                     if not defenses and (case, name) in undefended:  # strength 0 of every family: run once
                         res = dict(undefended[(case, name)])
                     else:
-                        res = run_one(attack, model, image, label, defenses, n_steps, args.device, lpips_model)
+                        res = run_one(name, case, defenses, n_steps, args, work.name)
                         if not defenses:
                             undefended[(case, name)] = res
                     row = {"attack": name, "defense": fam, "strength": float(strength), "case": case, **res}
@@ -273,6 +282,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                         flush=True,
                     )
 
+    work.cleanup()
     stem = out / args.name
     with open(f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -280,6 +290,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         writer.writerows(rows)
     summary = summarise(rows)
     settings["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    write_result("attack_vs_defense", settings, rows, name=args.name, out=out, env=environment(args.device))
     write_markdown(Path(f"{stem}.md"), summary, settings)
     write_plot(Path(f"{stem}.png"), summary, families)
     print(Path(f"{stem}.md").read_text())

@@ -1,33 +1,49 @@
 """Issue-6 bars: GIAS vs image-space Inverting Gradients, the gain of GIAS's parameter phase, and GIML.
 
-Part A (``--part gias``): a DCGAN prior fitted to the bundled photographs (random crops, seed 1, central crops
-excluded; ``lightning_gi.generators.train_dcgan``), an untrained ResNet-18 (14 classes, 32x32), batches of 4
-bundled photographs (crop seed 0). On the SAME gradient and the SAME number of optimiser steps:
-  * Inverting Gradients (cosine + TV 1e-4, signed Adam lr 0.1, boxed, MultiStepLR), image space;
-  * GIAS latent search only ("GI-z"), the whole budget;
-  * GIAS = latent search (1/3 of the budget) then per-image parameter search (2/3), and its latent-phase
-    snapshot (the images at the switch).
+Part A (``--part gias``): a DCGAN prior fitted to the PUBLIC photographs (``lightning_gi.generators.train_dcgan``),
+an untrained ResNet-18 (14 classes, 32x32), batches of 4 bundled private photographs. On the SAME gradient and the
+SAME number of optimiser steps, each run is a shipped recipe run through ``lightning_gi.cli.run`` with its victim
+section replaced by this victim (``benchmarks.common.run_recipe(edit=...)``):
+  * Inverting Gradients: the attack of ``configs/inverting_gradients_demo.yaml`` (cosine + TV, signed Adam lr 0.1,
+    boxed, MultiStepLR) with TV 1e-4 and 1 restart, image space;
+  * GIAS latent search only ("GI-z"), the whole budget: the attack of ``configs/gias_dcgan_demo.yaml`` with the
+    ``dcgan_photos32`` prior and ``param_steps: 0``;
+  * GIAS = latent search (1/3 of the budget) then per-image parameter search (2/3), same recipe, and its
+    latent-phase snapshot (the images at the switch).
 Part B (``--part giml``): GIML meta-learns an untrained DCGAN from gradients of many batches (tasks) on random
-sigmoid LeNets; GIAS (and latent search alone) with the generator snapshots at several meta-steps (0 = untrained) on held-out
-tasks (other crops, other random networks).
+sigmoid LeNets; GIAS (and latent search alone) with the generator snapshots at several meta-steps (0 = untrained)
+on held-out tasks (other crops, other random networks). Snapshots taken during meta-training are not something a
+config expresses, so this part builds GIML and GIAS itself.
 
-    OMP_NUM_THREADS=1 python benchmarks/gias_bench.py [--part all|gias|giml] [--budget 240] [--batches 2]
-        [--meta-steps 150] [--inner 30] [--meta-lr 1e-2] [--giml-loop authors|previous]
-        ->  benchmarks/results/gias_bench.json (GIML keys: giml_authors_loop_meta_lr_*; "giml", "giml_meta_lr_0.001":
-        the loop before issue 11)
+    OMP_NUM_THREADS=1 python -m benchmarks.gias_bench [--part all|gias|giml] [--budget 240] [--batches 2]
+        [--meta-steps 150] [--inner 30] [--meta-lr 1e-2] [--giml-loop authors|previous] [--smoke]
+        ->  benchmarks/results/gias_bench.json: rows carry ``part`` (gias_vs_inverting_gradients, or the GIML key
+        giml_authors_loop_meta_lr_*; "giml", "giml_meta_lr_0.001": the loop before issue 11) and ``kind``; a run
+        of one part replaces that part's rows and settings and keeps the others.
 """
 from __future__ import annotations
 
+if __package__ in (None, ""):  # python benchmarks/gias_bench.py: import this package (not opacus's "benchmarks")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import copy
-import json
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
-from common import RESULTS, lean_trainer, single_thread, write_json
+from benchmarks.common import (
+    ROOT, add_common_arguments, config_path, lean_trainer, load_result, results_dir, run_recipe, single_thread,
+    write_result,
+)
+
+PART_A = "gias_vs_inverting_gradients"
 
 
 def _scores(images: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
@@ -41,14 +57,26 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
-def part_gias(args: argparse.Namespace) -> dict[str, Any]:
-    from lightning_gi.attacks import GIAS, InvertingGradients
-    from lightning_gi.generators import create_generator
-    from lightning_gi.generators.train_dcgan import train_photos_generator
-    from lightning_gi.objectives import TotalVariation
-    from lightning_gi.victim import FedSGDVictim, torchvision_classifier
+def _victim_edit(model_section: Optional[dict[str, Any]], batch: int) -> Callable[[dict[str, Any]], None]:
+    """Replace the recipe's victim by part A's (and, with ``model_section``, its attack by that one)."""
 
-    gen_path = RESULTS.parent.parent / "checkpoints" / "gias_bench_dcgan_photos32.pt"  # git-ignored
+    def edit(cfg: dict[str, Any]) -> None:
+        if model_section is not None:
+            cfg["model"] = copy.deepcopy(model_section)
+        cfg["data"] = {"class_path": "lightning_gi.victim.FedSGDVictim", "init_args": {
+            "model": {"class_path": "lightning_gi.victim.torchvision_classifier", "init_args": {"name": "resnet18", "num_classes": 14}},
+            "model_seed": batch, "dataset": "photographs", "image_shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3,
+            "batch_size": 4, "batch_seed": batch}}
+
+    return edit
+
+
+def part_gias(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    from lightning_gi.generators.train_dcgan import train_photos_generator
+
+    gen_path = ROOT / "checkpoints" / "gias_bench_dcgan_photos32.pt"  # git-ignored
     t0 = time.perf_counter()
     if not gen_path.exists() or args.retrain:
         g = train_photos_generator(out=str(gen_path), steps=args.train_steps)
@@ -58,39 +86,38 @@ def part_gias(args: argparse.Namespace) -> dict[str, Any]:
     train_s = time.perf_counter() - t0
     print("generator", fit_stats, f"{train_s:.0f}s", flush=True)
     latent = args.budget // 3
+    ig_model = yaml.safe_load(config_path("inverting_gradients_demo.yaml").read_text())["model"]
+    ig_model["init_args"]["restarts"] = 1
+    ig_model["init_args"]["priors"] = [{"class_path": "lightning_gi.objectives.TotalVariation", "init_args": {"weight": 1e-4}}]
+    gias = ["--model.init_args.generator=dcgan_photos32", f"--model.init_args.checkpoint_path={gen_path}",
+            "--model.init_args.pretrained=true", "--model.init_args.train_generator_if_missing=false"]
+    runs = {  # name -> (recipe, attack section replacing the recipe's or None, overrides)
+        "inverting_gradients": ("inverting_gradients_demo.yaml", ig_model, []),
+        "gias_latent_only": ("gias_dcgan_demo.yaml", None, gias + [f"--model.init_args.latent_steps={args.budget}", "--model.init_args.param_steps=0"]),
+        "gias": ("gias_dcgan_demo.yaml", None, gias + [f"--model.init_args.latent_steps={latent}", f"--model.init_args.param_steps={args.budget - latent}"]),
+    }
     rows: dict[str, list] = {"inverting_gradients": [], "gias_latent_only": [], "gias_latent_phase_snapshot": [], "gias": []}
     seconds: dict[str, float] = {k: 0.0 for k in rows}
-    for b in range(args.batches):
-        def victim() -> FedSGDVictim:
-            model = torchvision_classifier(name="resnet18", num_classes=14)
-            return FedSGDVictim(model, dataset="photographs", batch_size=4, batch_seed=b, model_seed=b, image_shape=(3, 32, 32), mean=[0.5] * 3, std=[0.5] * 3)
-
-        runs = {
-            "inverting_gradients": lambda: InvertingGradients(priors=[TotalVariation(weight=1e-4)], restarts=1, seed=b),
-            "gias_latent_only": lambda: GIAS("dcgan_photos32", checkpoint_path=str(gen_path), latent_steps=args.budget, param_steps=0, seed=b),
-            "gias": lambda: GIAS("dcgan_photos32", checkpoint_path=str(gen_path), latent_steps=latent, param_steps=args.budget - latent, seed=b),
-        }
-        for name, make in runs.items():
-            dm = victim()
-            attack = make()
-            t = time.perf_counter()
-            lean_trainer(args.budget).fit(attack, datamodule=dm)
-            seconds[name] += time.perf_counter() - t
-            rec = attack.reconstruction()
-            gt = dm.ground_truth().images
-            s = _scores(rec["images"], gt)
-            s["matching_distance"] = rec["matching_distance"]
-            rows[name].append(s)
-            if name == "gias":
-                snap = _scores(rec["latent_phase_images"], gt)
-                snap["matching_distance"] = rec["latent_phase_matching_distance"]
-                rows["gias_latent_phase_snapshot"].append(snap)
-            print(b, name, s, flush=True)
+    with tempfile.TemporaryDirectory() as work:
+        for b in range(args.batches):
+            for name, (recipe, section, extra) in runs.items():
+                overrides = [f"--trainer.max_steps={args.budget}", "--trainer.logger=false", f"--model.init_args.seed={b}", *extra]
+                m, cli = run_recipe(config_path(recipe), overrides, f"{work}/{name}_{b}", edit=_victim_edit(section, b))
+                seconds[name] += m["seconds"]
+                s = {"psnr": m["psnr"], "ssim": m["ssim"], "mse": m["mse"], "matching_distance": m["matching_distance"]}
+                rows[name].append(s)
+                if name == "gias":
+                    rec = cli.model.reconstruction()
+                    snap = _scores(rec["latent_phase_images"], cli.datamodule.ground_truth().images)
+                    snap["matching_distance"] = rec["latent_phase_matching_distance"]
+                    rows["gias_latent_phase_snapshot"].append(snap)
+                print(b, name, s, flush=True)
     summary = {k: _mean(v) for k, v in rows.items()}
     for k in ("inverting_gradients", "gias_latent_only", "gias"):
         summary[k]["seconds_per_step"] = seconds[k] / (args.batches * args.budget)
     return {
-        "settings": {"budget_steps": args.budget, "gias_latent_steps": latent, "gias_param_steps": args.budget - latent, "batches": args.batches, "batch_size": 4, "victim": "resnet18 (untrained, 14 classes), 32x32", "generator_training_steps": args.train_steps},
+        "settings": {"budget_steps": args.budget, "gias_latent_steps": latent, "gias_param_steps": args.budget - latent, "batches": args.batches, "batch_size": 4, "victim": "resnet18 (untrained, 14 classes), 32x32", "generator_training_steps": args.train_steps,
+                     "recipes": {"inverting_gradients": "configs/inverting_gradients_demo.yaml (TV 1e-4, 1 restart)", "gias": "configs/gias_dcgan_demo.yaml (dcgan_photos32)"}},
         "generator_fit": fit_stats,
         "generator_train_seconds": train_s,
         "per_batch": rows,
@@ -103,7 +130,12 @@ def part_gias(args: argparse.Namespace) -> dict[str, Any]:
 def part_giml(args: argparse.Namespace) -> dict[str, Any]:
     import pytorch_lightning as pl
 
-    from lightning_gi.attacks import GIAS, GIML, GradientTasks
+    from lightning_gi.attacks import GIAS, GIML
+
+    try:
+        from lightning_gi.victim import GradientTasks
+    except ImportError:  # before GradientTasks moved to the victim side
+        from lightning_gi.attacks import GradientTasks  # type: ignore[no-redef]
     from lightning_gi.labels import SharedLabels
     from lightning_gi.victim.models import LeNet
 
@@ -159,8 +191,42 @@ def part_giml(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+def part_rows(part: str, payload: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One part's result (as :func:`part_gias` / :func:`part_giml` return it) -> (its settings, its flat rows)."""
+    rows: list[dict[str, Any]] = []
+    if part == PART_A:
+        for method, runs in payload["per_batch"].items():
+            rows += [{"part": part, "kind": "run", "method": method, "batch": b, **r} for b, r in enumerate(runs)]
+        rows += [{"part": part, "kind": "mean", "method": method, **r} for method, r in payload["mean"].items()]
+        rows.append({"part": part, "kind": "generator_fit", **payload["generator_fit"],
+                     "generator_train_seconds": payload["generator_train_seconds"]})
+        rows.append({"part": part, "kind": "verdict", "gias_beats_ig": payload["gias_beats_ig"],
+                     "parameter_phase_beats_latent_only": payload["parameter_phase_beats_latent_only"]})
+    else:
+        for step, variants in payload["gias_quality_by_meta_step"].items():
+            rows += [{"part": part, "kind": "quality", "meta_step": int(step), "variant": v, **r} for v, r in variants.items()]
+        rows.append({"part": part, "kind": "meta_train", "meta_train_seconds": payload["meta_train_seconds"]})
+        n = len(payload["inner_history_tail"])
+        rows += [{"part": part, "kind": "inner_history", "from_end": n - i, **h} for i, h in enumerate(payload["inner_history_tail"])]
+        rows.append({"part": part, "kind": "verdict", "rises_vs_untrained": payload["rises_vs_untrained"]})
+    return payload["settings"], rows
+
+
+def merge_part(path: Path, part: str, payload: dict[str, Any], smoke: bool) -> Path:
+    """Replace ``part``'s settings and rows in the envelope at ``path`` (kept: the other parts) and write it."""
+    settings: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    if path.exists():
+        old = load_result(path)
+        settings = {k: v for k, v in old["settings"].items() if k != part}
+        rows = [r for r in old["results"] if r.get("part") != part]
+    part_settings, part_rows_ = part_rows(part, payload)
+    settings[part] = {**part_settings, "smoke": smoke}
+    return write_result("gias_bench", settings, rows + part_rows_, name=path.stem, out=path.parent)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=("all", "gias", "giml"), default="all")
     p.add_argument("--budget", type=int, default=240, help="optimiser steps per attack (IG and GIAS alike)")
     p.add_argument("--batches", type=int, default=2)
@@ -173,20 +239,19 @@ def main() -> None:
     p.add_argument("--eval-steps", type=int, default=60)
     p.add_argument("--giml-loop", choices=("authors", "previous"), default="authors", help="authors: train_gen.py's loop (default); previous: the loop before issue 11")
     p.add_argument("--name", default="gias_bench")
-    args = p.parse_args()
+    add_common_arguments(p)
+    args = p.parse_args(argv)
+    if args.smoke:  # part A needs a fitted generator (minutes): the smoke run checks GIML's loop only
+        args.part, args.meta_steps, args.inner, args.eval_tasks, args.eval_steps = "giml", 4, 2, 1, 2
     single_thread()
-    out_path = RESULTS / f"{args.name}.json"
-    payload: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
-    payload = {k: v for k, v in payload.items() if k != "environment"}
+    out_path = results_dir(args.results_dir, smoke=args.smoke) / f"{args.name}.json"
     if args.part in ("all", "gias"):
-        payload["gias_vs_inverting_gradients"] = part_gias(args)
-        write_json(args.name, payload)
+        merge_part(out_path, PART_A, part_gias(args), args.smoke)
     if args.part in ("all", "giml"):
         key = "giml" if args.meta_lr == 1e-2 else f"giml_meta_lr_{args.meta_lr:g}"
         if args.giml_loop == "authors":
             key = f"giml_authors_loop_meta_lr_{args.meta_lr:g}"
-        payload[key] = part_giml(args)
-        write_json(args.name, payload)
+        merge_part(out_path, key, part_giml(args), args.smoke)
 
 
 if __name__ == "__main__":

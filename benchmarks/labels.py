@@ -22,10 +22,20 @@ Batches: N/distinct classes = 8/3, 16/5, 32/8, 64/10, 128/10, 256/20 (``select_b
 number of labels to change: half the L1 distance of the count vectors); per victim state ``p_true`` (mean
 softmax probability of the true class on the attacked batches).
 
-    OMP_NUM_THREADS=1 python benchmarks/labels.py --quick            # reduced grid (see --help)
-    OMP_NUM_THREADS=1 python benchmarks/labels.py --victims resnet18_32 resnet34_64 --seeds 10
+Label strategies only (no attack runs, no recipe to reuse): the victims and observations are built here.
+Rows: one per (victim, state, batch case, strategy), with the victim state's training loss and time.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.labels --quick            # reduced grid (see --help)
+    OMP_NUM_THREADS=1 python -m benchmarks.labels --victims resnet18_32 resnet34_64 --seeds 10
+    OMP_NUM_THREADS=1 python -m benchmarks.labels --smoke            # seconds
 """
 from __future__ import annotations
+
+if __package__ in (None, ""):  # python benchmarks/labels.py: import this package (not opacus's "benchmarks")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import time
@@ -36,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from common import single_thread, write_json
+from benchmarks.common import add_common_arguments, single_thread, write_result
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 HALF = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
@@ -190,8 +200,12 @@ def main() -> None:
     parser.add_argument("--converged-steps", type=int, default=1500)
     parser.add_argument("--crops-per-photo", type=int, default=32)
     parser.add_argument("--model-seed", type=int, default=0)
-    parser.add_argument("--out", default="labels")
+    parser.add_argument("--out", default="labels", help="name of the JSON file")
+    add_common_arguments(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.victims, args.states, args.seeds, args.max_batch = ["lenet32"], ["untrained"], 1, 8
+        args.strategies, args.crops_per_photo = ["ilrg", "llg"], 4
     if args.quick:
         args.victims = [v for v in args.victims if v in ("lenet32", "resnet18_32")] or ["resnet18_32"]
         args.seeds = min(args.seeds, 3)
@@ -216,23 +230,25 @@ def main() -> None:
             model.eval()
             training.setdefault(f"{victim}/{state}", {})["train_seconds"] = time.time() - t0
             results += run_state(victim, state, model, attack, args, norm, size)
-            write_json(args.out, payload(args, results, training, time.time() - t_start, partial=True))
-    write_json(args.out, payload(args, results, training, time.time() - t_start, partial=False))
+            write(args, results, training, time.time() - t_start, partial=True)
+    write(args, results, training, time.time() - t_start, partial=False)
 
 
-def payload(args, results, training, seconds, partial: bool) -> dict[str, Any]:
+def write(args, results, training, seconds, partial: bool) -> None:
+    """The envelope; each row carries its victim state's training figures (``final_train_loss``, ``train_seconds``)."""
+    rows = [{**r, **training.get(f"{r['victim']}/{r['state']}", {})} for r in results]
+    write_result("labels", settings(args, seconds, partial), rows, name=args.out, out=args.results_dir, quiet=partial)
+
+
+def settings(args, seconds, partial: bool) -> dict[str, Any]:
     return {
-        "benchmark": "labels (issue 12): exact-multiset rate and labels off per strategy, victim and state",
-        "settings": {
-            "quick": args.quick, "victims": args.victims, "states": args.states, "seeds": args.seeds,
-            "cases": args.cases, "num_classes_head": args.num_classes, "data_classes": 24,
-            "strategies": args.strategies, "early_steps": args.early_steps, "early_lr": args.early_lr, "converged_lr": 0.05, "converged_steps": args.converged_steps,
-            "crops_per_photo": args.crops_per_photo, "model_seed": args.model_seed, "victim_mode": "eval",
-            "loss_reduction": "mean", "split": "every 4th item of each class attacked, the rest used for training",
-            "partial": partial, "wall_seconds": round(seconds, 1),
-        },
-        "training": training,
-        "results": results,
+        "quick": args.quick, "victims": args.victims, "states": args.states, "seeds": args.seeds,
+        "cases": args.cases, "num_classes_head": args.num_classes, "data_classes": 24,
+        "strategies": args.strategies, "early_steps": args.early_steps, "early_lr": args.early_lr, "converged_lr": 0.05, "converged_steps": args.converged_steps,
+        "crops_per_photo": args.crops_per_photo, "model_seed": args.model_seed, "victim_mode": "eval",
+        "loss_reduction": "mean", "split": "every 4th item of each class attacked, the rest used for training",
+        "partial": partial, "wall_seconds": round(seconds, 1), "smoke": args.smoke,
+        "description": "labels (issue 12): exact-multiset rate and labels off per strategy, victim and state",
     }
 
 

@@ -6,9 +6,17 @@ Each case alternates plain and Lightning runs (``--repeats`` times) and reports 
 the lean Trainer (no logger/progress bar) and for the full CLI setup (TensorBoard logging every 5 steps,
 image grids every 25, progress bar, periodic reconstruction saves).
 
-    python benchmarks/loop_overhead.py [--lenet-steps 60] [--resnet-steps 20] [--repeats 3]
+Measures loop overhead (a config cannot express a plain loop next to ours), so it builds the attacks itself.
+
+    python -m benchmarks.loop_overhead [--lenet-steps 60] [--resnet-steps 20] [--repeats 3] [--smoke]
 """
 from __future__ import annotations
+
+if __package__ in (None, ""):  # python benchmarks/loop_overhead.py: import this package (not opacus's "benchmarks")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import statistics
@@ -19,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from common import lean_trainer, single_thread, write_json
+from benchmarks.common import add_common_arguments, lean_trainer, single_thread, write_result
 
 
 class LoopTimer(pl.Callback):
@@ -84,6 +92,7 @@ def lightning_run(model, image, label, steps, make_optimizer, seed, full):
 
 
 def bench_case(name, model, image, label, steps, make_optimizer, repeats):
+    """Plain, lean and full runs alternated ``repeats`` times; medians of it/s and of the per-repeat ratios."""
     plain, lean, full = [], [], []
     for r in range(repeats):
         t_plain, x_plain = plain_loop(model, image, label, steps, make_optimizer, seed=r)
@@ -96,6 +105,7 @@ def bench_case(name, model, image, label, steps, make_optimizer, repeats):
         print(f"{name} rep {r}: plain {plain[-1]:.2f} it/s, lightning lean {lean[-1]:.2f}, full {full[-1]:.2f}; same iterate: {same}", flush=True)
     med = statistics.median
     return {
+        "case": name,
         "steps": steps,
         "repeats": repeats,
         "plain_it_per_s": med(plain),
@@ -107,36 +117,40 @@ def bench_case(name, model, image, label, steps, make_optimizer, repeats):
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lenet-steps", type=int, default=60)
     parser.add_argument("--resnet-steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.lenet_steps, args.resnet_steps, args.repeats = 2, 1, 1
     single_thread()
 
     from lightning_gi.victim import LeNet, torchvision_classifier
     from lightning_gi.victim.data import BundledPhotographs, select_batch
 
     photos = BundledPhotographs(image_size=32, crops_per_photo=4)
-    out = {"settings": vars(args), "cases": {}}
+    rows = []
 
     torch.manual_seed(0)
     lenet = LeNet(num_classes=10)
     image, _, _ = select_batch(photos, 1, seed=0)
     lbfgs = lambda p: torch.optim.LBFGS(p, lr=1.0, max_iter=20, history_size=100)  # noqa: E731
-    out["cases"]["lenet32_b1_lbfgs"] = bench_case("LeNet", lenet, image, torch.tensor([3]), args.lenet_steps, lbfgs, args.repeats)
+    rows.append(bench_case("lenet32_b1_lbfgs", lenet, image, torch.tensor([3]), args.lenet_steps, lbfgs, args.repeats))
 
     adam = lambda p: torch.optim.Adam(p, lr=0.1)  # noqa: E731
-    out["cases"]["lenet32_b1_adam"] = bench_case("LeNet-Adam", lenet, image, torch.tensor([3]), args.lenet_steps * 5, adam, args.repeats)
+    rows.append(bench_case("lenet32_b1_adam", lenet, image, torch.tensor([3]), args.lenet_steps * 5, adam, args.repeats))
 
     torch.manual_seed(0)
     resnet = torchvision_classifier("resnet18", num_classes=photos.num_classes).eval()
     images, labels, _ = select_batch(photos, 8, seed=0, label_mode="unique")
-    out["cases"]["resnet18_32_b8_adam"] = bench_case("ResNet-18", resnet, images, labels, args.resnet_steps, adam, args.repeats)
-    write_json("loop_overhead", out)
-    for k, v in out["cases"].items():
-        print(k, {kk: round(vv, 3) if isinstance(vv, float) else vv for kk, vv in v.items()})
+    rows.append(bench_case("resnet18_32_b8_adam", resnet, images, labels, args.resnet_steps, adam, args.repeats))
+    settings = {k: v for k, v in vars(args).items() if k != "results_dir"}
+    write_result("loop_overhead", settings, rows, out=args.results_dir)
+    for row in rows:
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
 
 
 if __name__ == "__main__":

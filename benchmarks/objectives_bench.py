@@ -1,32 +1,41 @@
 """Benchmarks of issue 3: gradient distances, Inverting Gradients, restarts, and the Lightning loop's speed.
 
-Three parts, each writing one JSON file to benchmarks/results/ (sizes are flags; defaults fit a shared CPU):
+Three parts, each writing one JSON envelope (``benchmarks.common.write_result``; sizes are flags; defaults fit a
+shared CPU):
 
-  wdlg       WDLG vs DLG vs iDLG on the sigmoid LeNet, 32x32 bundled photographs, batch 1 and 4, the same
-             budget of victim-gradient evaluations for every method: mean MSE, fraction with MSE < 1e-3.
-  inverting  Inverting Gradients on ResNet-18, 32x32 photographs, batch 1 and 8: PSNR/SSIM after a fixed
-             number of steps, with and without TV, with 1 and 4 restarts.
-  speed      iterations/s of the InvertingGradients LightningModule (lean Trainer) vs a plain PyTorch loop of
-             the same math (cosine + TV, signed Adam, box, MultiStepLR, best-iterate tracking), same run.
+  wdlg       WDLG vs DLG vs iDLG on the sigmoid LeNet (14 classes), 32x32 bundled photographs, batch 1 and 4, the
+             same budget of victim-gradient evaluations for every method: mean MSE, fraction with MSE < 1e-3.
+             Each method is a shipped recipe (configs/dlg_lenet.yaml, idlg_lenet.yaml, wdlg_lenet.yaml) run
+             through ``lightning_gi.cli.run``, its optimiser (and WDLG's mixed distance) set by a YAML edit.
+  inverting  Inverting Gradients on ResNet-18, 32x32 photographs, batch 1 and 8: PSNR/SSIM after a fixed number of
+             steps, with and without TV, with 1 and 4 restarts: the attack of
+             configs/inverting_gradients_demo.yaml (TV and restarts edited) on this victim.
+  speed      iterations/s of the InvertingGradients LightningModule (lean Trainer) vs a plain PyTorch loop of the
+             same math (cosine + TV, signed Adam, box, MultiStepLR, best-iterate tracking), same run: loop
+             overhead, which a config cannot express, so this part builds the attack itself.
 
 Run (one thread; the machine may be shared):
-  OMP_NUM_THREADS=1 python benchmarks/objectives_bench.py wdlg --trials 3 --evals 1000
-  OMP_NUM_THREADS=1 python benchmarks/objectives_bench.py inverting --steps 60
-  OMP_NUM_THREADS=1 python benchmarks/objectives_bench.py speed --steps 20 --repeats 3
+  OMP_NUM_THREADS=1 python -m benchmarks.objectives_bench wdlg --trials 3 --evals 1000
+  OMP_NUM_THREADS=1 python -m benchmarks.objectives_bench inverting --steps 60
+  OMP_NUM_THREADS=1 python -m benchmarks.objectives_bench speed --steps 20 --repeats 3
+  OMP_NUM_THREADS=1 python -m benchmarks.objectives_bench wdlg --smoke     # seconds (any part)
 """
 from __future__ import annotations
 
+if __package__ in (None, ""):  # python benchmarks/objectives_bench.py: import this package (not opacus's "benchmarks")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
-import json
 import logging
 import os
-import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
-from functools import partial
-from pathlib import Path
 from typing import Any, Callable
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -35,134 +44,91 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_gi.attacks import DLG, IDLG, WDLG, InvertingGradients  # noqa: E402
+from benchmarks.common import add_common_arguments, config_path, environment, run_recipe, write_result  # noqa: E402
+from lightning_gi.attacks import InvertingGradients  # noqa: E402
 from lightning_gi.attacks.image_prior import box_bounds, milestones_from_fractions  # noqa: E402
 from lightning_gi.cli import quiet_known_warnings  # noqa: E402
-from lightning_gi.metrics import match_reconstructions, per_image_scores  # noqa: E402
-from lightning_gi.objectives import TotalVariation, WassersteinDistance, cosine_distance  # noqa: E402
-from lightning_gi.victim import FedSGDVictim, LeNet, torchvision_classifier  # noqa: E402
+from lightning_gi.objectives import TotalVariation, cosine_distance  # noqa: E402
+from lightning_gi.victim import FedSGDVictim, torchvision_classifier  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CIFAR_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR_STD = [0.2470, 0.2435, 0.2616]
+LBFGS = {"class_path": "torch.optim.LBFGS", "init_args": {"lr": 1.0, "max_iter": 20, "max_eval": 20, "history_size": 100}}
+ADAM = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.1}}
 
 
-def lean_trainer(steps: int) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+def _settings(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    return {**{k: v for k, v in vars(args).items() if k != "results_dir"}, **extra}
 
 
-def environment() -> dict[str, Any]:
-    return {
-        "torch": torch.__version__,
-        "pytorch_lightning": pl.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
+def _edit(optimizer: dict[str, Any] | None = None, **init_args: Any) -> Callable[[dict[str, Any]], None]:
+    """A YAML edit: the attack's optimiser and other init_args replaced."""
 
+    def edit(cfg: dict[str, Any]) -> None:
+        if optimizer is not None:
+            cfg["model"]["init_args"]["optimizer"] = optimizer
+        cfg["model"]["init_args"].update(init_args)
 
-def score(images: torch.Tensor, truth: torch.Tensor) -> dict[str, list[float]]:
-    perm = match_reconstructions(images, truth)
-    s = per_image_scores(images[perm], truth)
-    return {k: [float(v) for v in s[k]] for k in ("mse", "psnr", "ssim")}
-
-
-def write(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-    print(f"wrote {path}", flush=True)
-    return path
+    return edit
 
 
 # ---------------------------------------------------------------------------------------------------
 # (a) WDLG vs DLG vs iDLG
 # ---------------------------------------------------------------------------------------------------
-def lbfgs(params: Any) -> torch.optim.Optimizer:
-    # max_eval = max_iter: exactly <= 20 victim-gradient evaluations per optimiser step
-    return torch.optim.LBFGS(params, lr=1.0, max_iter=20, max_eval=20, history_size=100)
-
-
-def adam(params: Any) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=0.1)
-
-
-def wdlg_methods(l2_weight: float) -> dict[str, tuple[Callable[[int], pl.LightningModule], str]]:
-    """name -> (factory(seed), optimiser kind: 'lbfgs' = 20 evaluations per step, 'adam' = 1)."""
+def wdlg_methods(l2_weight: float) -> dict[str, tuple[str, Callable[[dict[str, Any]], None], str]]:
+    """name -> (recipe, YAML edit, optimiser kind: 'lbfgs' = 20 evaluations per step, 'adam' = 1)."""
+    mixed = {"class_path": "lightning_gi.objectives.WassersteinDistance", "init_args": {"p": 1, "squared": False, "l2_weight": l2_weight}}
     return {
-        "dlg": (lambda s: DLG(optimizer=lbfgs, seed=s), "lbfgs"),
-        "idlg": (lambda s: IDLG(optimizer=lbfgs, seed=s), "lbfgs"),
-        "idlg_adam": (lambda s: IDLG(optimizer=adam, seed=s), "adam"),
-        "wdlg": (lambda s: WDLG(optimizer=adam, seed=s), "adam"),
-        "wdlg_lbfgs": (lambda s: WDLG(optimizer=lbfgs, seed=s), "lbfgs"),
-        "wdlg_mixed": (lambda s: WDLG(optimizer=adam, distance=WassersteinDistance(p=1, l2_weight=l2_weight), seed=s), "adam"),
+        "dlg": ("dlg_lenet.yaml", _edit(LBFGS), "lbfgs"),
+        "idlg": ("idlg_lenet.yaml", _edit(LBFGS), "lbfgs"),
+        "idlg_adam": ("idlg_lenet.yaml", _edit(ADAM), "adam"),
+        "wdlg": ("wdlg_lenet.yaml", _edit(ADAM), "adam"),
+        "wdlg_lbfgs": ("wdlg_lenet.yaml", _edit(LBFGS), "lbfgs"),
+        "wdlg_mixed": ("wdlg_lenet.yaml", _edit(ADAM, distance=mixed), "adam"),
     }
+
+
+def _lenet_overrides(steps: int, bs: int, trial: int) -> list[str]:
+    return [f"--trainer.max_steps={steps}", "--trainer.logger=false", f"--model.init_args.seed={trial}",
+            "--data.init_args.model.init_args.num_classes=14", f"--data.init_args.batch_size={bs}",
+            f"--data.init_args.batch_seed={1000 + trial}", f"--data.init_args.model_seed={trial}"]
 
 
 def bench_wdlg(args: argparse.Namespace) -> None:
     methods = wdlg_methods(args.mixed_l2_weight)
     chosen = args.methods or list(methods)
-    results: dict[str, Any] = {}
-    for bs in args.batch_sizes:
-        for name in chosen:
-            factory, kind = methods[name]
-            steps = args.evals // 20 if kind == "lbfgs" else args.evals
-            per_trial = []
-            for trial in range(args.trials):
-                dm = FedSGDVictim(
-                    LeNet(num_classes=14, image_size=32),
-                    dataset="photographs",
-                    image_shape=(3, 32, 32),
-                    batch_size=bs,
-                    batch_seed=1000 + trial,
-                    model_seed=trial,
-                )
-                attack = factory(trial)
-                t0 = time.perf_counter()
-                lean_trainer(steps).fit(attack, datamodule=dm)
-                seconds = time.perf_counter() - t0
-                rec = attack.reconstruction()
-                gt = dm.ground_truth()
-                s = score(rec["images"], gt.images)
-                label_acc = float((rec["labels"].sort().values == gt.labels.sort().values).float().mean())
-                per_trial.append({"trial": trial, "mse": s["mse"], "psnr": s["psnr"], "label_accuracy": label_acc,
-                                  "matching_distance": rec["matching_distance"], "seconds": seconds})
-                print(f"wdlg-bench bs={bs} {name} trial={trial} mse={statistics.mean(s['mse']):.4g} "
-                      f"labels={label_acc:.2f} {seconds:.1f}s", flush=True)
-            mses = [m for t in per_trial for m in t["mse"]]
-            results[f"{name}/batch{bs}"] = {
-                "method": name,
-                "batch_size": bs,
-                "optimizer": "L-BFGS(lr=1, max_iter=20, max_eval=20, history=100)" if kind == "lbfgs" else "Adam(lr=0.1)",
-                "optimizer_steps": steps,
-                "gradient_evaluations": args.evals,
-                "images": len(mses),
-                "mean_mse": statistics.mean(mses),
-                "median_mse": statistics.median(mses),
-                "fraction_mse_below_1e-3": sum(m < 1e-3 for m in mses) / len(mses),
-                "mean_psnr": statistics.mean(p for t in per_trial for p in t["psnr"]),
-                "label_accuracy": statistics.mean(t["label_accuracy"] for t in per_trial),
-                "mean_seconds": statistics.mean(t["seconds"] for t in per_trial),
-                "trials": per_trial,
-            }
-    write(args.out or "wdlg_lenet", {
-        "benchmark": "WDLG vs DLG vs iDLG, sigmoid LeNet (14 classes), 32x32 bundled photographs",
-        "budget": f"{args.evals} victim-gradient evaluations per run for every method",
-        "mixed_l2_weight": args.mixed_l2_weight,
-        "paper_reference": "Wang et al. 2023 Table: LeNet+CIFAR10 MSE DLG 0.013, RGAP 0.0048, WDLG 0.0045",
-        "environment": environment(),
-        "results": results,
-    })
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as work:
+        for bs in args.batch_sizes:
+            for name in chosen:
+                recipe, edit, kind = methods[name]
+                steps = max(1, args.evals // 20) if kind == "lbfgs" else args.evals
+                per_trial = []
+                for trial in range(args.trials):
+                    m, _ = run_recipe(config_path(recipe), _lenet_overrides(steps, bs, trial), f"{work}/{name}_{bs}_{trial}", edit=edit)
+                    per_trial.append({"kind": "run", "method": name, "batch_size": bs, "trial": trial,
+                                      "mse": [p["mse"] for p in m["per_image"]], "psnr": [p["psnr"] for p in m["per_image"]],
+                                      "label_accuracy": m.get("label_multiset_accuracy", m["label_accuracy"]),
+                                      "matching_distance": m["matching_distance"], "seconds": m["seconds"]})
+                    print(f"wdlg-bench bs={bs} {name} trial={trial} mse={statistics.mean(per_trial[-1]['mse']):.4g} "
+                          f"labels={per_trial[-1]['label_accuracy']:.2f} {m['seconds']:.1f}s", flush=True)
+                mses = [v for t in per_trial for v in t["mse"]]
+                rows += per_trial
+                rows.append({
+                    "kind": "summary", "method": name, "batch_size": bs, "recipe": f"configs/{recipe}",
+                    "optimizer": "L-BFGS(lr=1, max_iter=20, max_eval=20, history=100)" if kind == "lbfgs" else "Adam(lr=0.1)",
+                    "optimizer_steps": steps, "gradient_evaluations": args.evals, "images": len(mses),
+                    "mean_mse": statistics.mean(mses), "median_mse": statistics.median(mses),
+                    "fraction_mse_below_1e-3": sum(v < 1e-3 for v in mses) / len(mses),
+                    "mean_psnr": statistics.mean(p for t in per_trial for p in t["psnr"]),
+                    "label_accuracy": statistics.mean(t["label_accuracy"] for t in per_trial),
+                    "mean_seconds": statistics.mean(t["seconds"] for t in per_trial),
+                })
+    write_result("wdlg_lenet", _settings(
+        args, description="WDLG vs DLG vs iDLG, sigmoid LeNet (14 classes), 32x32 bundled photographs",
+        budget=f"{args.evals} victim-gradient evaluations per run for every method",
+        paper_reference="Wang et al. 2023 Table: LeNet+CIFAR10 MSE DLG 0.013, RGAP 0.0048, WDLG 0.0045"),
+        rows, name=args.out or "wdlg_lenet", out=args.results_dir, env=environment())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,46 +147,58 @@ def resnet_victim(bs: int, seed: int) -> FedSGDVictim:
     )
 
 
+def _resnet_edit(tv: float, restarts: int, bs: int, seed: int) -> Callable[[dict[str, Any]], None]:
+    """The IG recipe's attack (TV weight and restarts edited) on the untrained ResNet-18 victim."""
+
+    def edit(cfg: dict[str, Any]) -> None:
+        init = cfg["model"]["init_args"]
+        init["priors"] = [{"class_path": "lightning_gi.objectives.TotalVariation", "init_args": {"weight": tv}}] if tv > 0 else []
+        init["restarts"] = restarts
+        cfg["data"]["init_args"].update({
+            "model": {"class_path": "lightning_gi.victim.torchvision_classifier", "init_args": {"name": "resnet18", "num_classes": 14}},
+            "mean": CIFAR_MEAN, "std": CIFAR_STD, "batch_size": bs, "batch_seed": seed, "model_seed": seed})
+
+    return edit
+
+
 def bench_inverting(args: argparse.Namespace) -> None:
-    results: dict[str, Any] = {}
-    for bs in args.batch_sizes:
-        for tv in (0.0, args.tv):
-            for restarts in args.restarts:
-                runs = []
-                for trial in range(args.trials):
-                    dm = resnet_victim(bs, 2000 + trial)
-                    attack = InvertingGradients(
-                        priors=[TotalVariation(weight=tv)] if tv > 0 else [], restarts=restarts, seed=trial
-                    )
-                    t0 = time.perf_counter()
-                    lean_trainer(args.steps).fit(attack, datamodule=dm)
-                    seconds = time.perf_counter() - t0
-                    rec = attack.reconstruction()
-                    gt = dm.ground_truth()
-                    s = score(rec["images"], gt.images)
-                    label_acc = float((rec["labels"].sort().values == gt.labels.sort().values).float().mean())
-                    runs.append({"trial": trial, **s, "label_accuracy": label_acc, "seconds": seconds,
-                                 "matching_distance": rec["matching_distance"], "restart_losses": rec["restart_losses"],
-                                 "best_restart": rec["best_restart"]})
-                    print(f"ig-bench bs={bs} tv={tv} R={restarts} trial={trial} psnr={statistics.mean(s['psnr']):.2f} "
-                          f"ssim={statistics.mean(s['ssim']):.3f} {seconds:.1f}s", flush=True)
-                key = f"batch{bs}/tv{tv:g}/restarts{restarts}"
-                results[key] = {
-                    "batch_size": bs, "tv_weight": tv, "restarts": restarts, "steps": args.steps,
-                    "mean_psnr": statistics.mean(p for r in runs for p in r["psnr"]),
-                    "mean_ssim": statistics.mean(p for r in runs for p in r["ssim"]),
-                    "mean_mse": statistics.mean(p for r in runs for p in r["mse"]),
-                    "label_accuracy": statistics.mean(r["label_accuracy"] for r in runs),
-                    "mean_seconds": statistics.mean(r["seconds"] for r in runs),
-                    "runs": runs,
-                }
-    write(args.out or "inverting_gradients_resnet18", {
-        "benchmark": "Inverting Gradients (cosine + TV, signed Adam lr 0.1, boxed, MultiStepLR 3/8,5/8,7/8), "
-                     "untrained torchvision ResNet-18 (14 classes, eval mode), 32x32 bundled photographs",
-        "budget": f"{args.steps} optimiser steps per run (the paper runs 24,000); R restarts cost R x the compute",
-        "environment": environment(),
-        "results": results,
-    })
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as work:
+        for bs in args.batch_sizes:
+            for tv in (0.0, args.tv):
+                for restarts in args.restarts:
+                    runs = []
+                    for trial in range(args.trials):
+                        overrides = [f"--trainer.max_steps={args.steps}", "--trainer.logger=false", f"--model.init_args.seed={trial}"]
+                        m, cli = run_recipe(config_path("inverting_gradients_demo.yaml"), overrides, f"{work}/{bs}_{tv}_{restarts}_{trial}",
+                                            edit=_resnet_edit(tv, restarts, bs, 2000 + trial))
+                        rec = cli.model.reconstruction()
+                        restart_losses = rec.get("restart_losses")
+                        run = {"kind": "run", "batch_size": bs, "tv_weight": tv, "restarts": restarts, "steps": args.steps,
+                               "trial": trial, "mse": [p["mse"] for p in m["per_image"]],
+                               "psnr": [p["psnr"] for p in m["per_image"]], "ssim": [p["ssim"] for p in m["per_image"]],
+                               "label_accuracy": m.get("label_multiset_accuracy", m["label_accuracy"]), "seconds": m["seconds"],
+                               "matching_distance": m["matching_distance"],
+                               "restart_losses": [float(v) for v in restart_losses] if restart_losses is not None else None,
+                               "best_restart": int(rec["best_restart"]) if rec.get("best_restart") is not None else None}
+                        runs.append(run)
+                        print(f"ig-bench bs={bs} tv={tv} R={restarts} trial={trial} psnr={statistics.mean(run['psnr']):.2f} "
+                              f"ssim={statistics.mean(run['ssim']):.3f} {m['seconds']:.1f}s", flush=True)
+                    rows += runs
+                    rows.append({
+                        "kind": "summary", "batch_size": bs, "tv_weight": tv, "restarts": restarts, "steps": args.steps,
+                        "mean_psnr": statistics.mean(p for r in runs for p in r["psnr"]),
+                        "mean_ssim": statistics.mean(p for r in runs for p in r["ssim"]),
+                        "mean_mse": statistics.mean(p for r in runs for p in r["mse"]),
+                        "label_accuracy": statistics.mean(r["label_accuracy"] for r in runs),
+                        "mean_seconds": statistics.mean(r["seconds"] for r in runs),
+                    })
+    write_result("inverting_gradients_resnet18", _settings(
+        args, recipe="configs/inverting_gradients_demo.yaml (attack; victim: untrained ResNet-18)",
+        description="Inverting Gradients (cosine + TV, signed Adam lr 0.1, boxed, MultiStepLR 3/8,5/8,7/8), "
+                    "untrained torchvision ResNet-18 (14 classes, eval mode), 32x32 bundled photographs",
+        budget=f"{args.steps} optimiser steps per run (the paper runs 24,000); R restarts cost R x the compute"),
+        rows, name=args.out or "inverting_gradients_resnet18", out=args.results_dir, env=environment())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,21 +297,23 @@ def bench_speed(args: argparse.Namespace) -> None:
     plain = statistics.median(r["it_per_s"] for r in rows if r["loop"] == "plain")
     light_cpu = statistics.median(r["it_per_cpu_s"] for r in rows if r["loop"] == "lightning")
     plain_cpu = statistics.median(r["it_per_cpu_s"] for r in rows if r["loop"] == "plain")
-    write(args.out or "inverting_gradients_speed", {
-        "benchmark": "InvertingGradients LightningModule (lean Trainer) vs plain PyTorch loop, same math, same run",
-        "setup": f"untrained ResNet-18, 32x32, batch {args.batch_size}, 1 restart, cosine + TV, signed Adam, "
-                 "boxed, MultiStepLR, best-iterate tracking",
-        "median_it_per_s": {"lightning": light, "plain": plain},
+    summary = {
+        "kind": "summary",
+        "median_it_per_s.lightning": light, "median_it_per_s.plain": plain,
         "lightning_over_plain": light / plain,
-        "median_it_per_cpu_s": {"lightning": light_cpu, "plain": plain_cpu},
+        "median_it_per_cpu_s.lightning": light_cpu, "median_it_per_cpu_s.plain": plain_cpu,
         "lightning_over_plain_cpu": light_cpu / plain_cpu,
         "within_10_percent": light_cpu >= 0.9 * plain_cpu,
-        "note": "one thread; wall-clock rates are noisy on a shared machine, so the verdict uses CPU time of "
-                "this process (process_time), which the other processes do not inflate",
         "max_abs_difference_of_final_images": max_abs_diff,
-        "environment": environment(),
-        "rows": rows,
-    })
+    }
+    write_result("inverting_gradients_speed", _settings(
+        args, description="InvertingGradients LightningModule (lean Trainer) vs plain PyTorch loop, same math, same run",
+        setup=f"untrained ResNet-18, 32x32, batch {args.batch_size}, 1 restart, cosine + TV, signed Adam, "
+              "boxed, MultiStepLR, best-iterate tracking",
+        note="one thread; wall-clock rates are noisy on a shared machine, so the verdict uses CPU time of "
+             "this process (process_time), which the other processes do not inflate"),
+        [{"kind": "run", **r} for r in rows] + [summary], name=args.out or "inverting_gradients_speed",
+        out=args.results_dir, env=environment())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -359,7 +339,15 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--batch-size", type=int, default=1)
     c.add_argument("--out", default=None)
+    for sp in (a, b, c):
+        add_common_arguments(sp)
     args = parser.parse_args(argv)
+    if args.smoke:
+        smoke = {"wdlg": dict(trials=1, evals=40, batch_sizes=[1], methods=["idlg", "wdlg"]),
+                 "inverting": dict(steps=2, trials=1, batch_sizes=[1], restarts=[1]),
+                 "speed": dict(steps=2, repeats=1)}[args.part]
+        for k, v in smoke.items():
+            setattr(args, k, v)
     torch.set_num_threads(1)
     quiet_known_warnings()
     warnings.filterwarnings("ignore")

@@ -1,14 +1,21 @@
 """Vectorised vs sequential restarts: restarts per second at R = 8 (sigmoid LeNet and ResNet-18, 32x32).
 
 One optimisation step of R restarts (Inverting Gradients objective: cosine distance + TV, Adam, boxed) is
-timed for :class:`ImagePriorAttack` (restarts one after the other) and :class:`VectorisedRestartsAttack`
-(restarts as one vmapped computation). Measurements alternate between the two (ABAB...) so that load from
+timed for :class:`ImagePriorAttack` with ``restart_mode="sequential"`` (restarts one after the other) and
+``restart_mode="vectorised"`` (restarts as one vmapped computation). Measurements alternate between the two (ABAB...) so that load from
 other processes hits both alike; the ratio is the median over rounds. The first step's per-restart distances
 of both are compared (they must agree). JSON: benchmarks/results/restarts_throughput[_<device>].json.
+Raw throughput of the restart loop (no recipe: a config cannot express it), so the attacks are built here.
 
-Run: OMP_NUM_THREADS=1 python benchmarks/restarts_throughput.py [--device cuda] [--restarts 8]
+Run: OMP_NUM_THREADS=1 python -m benchmarks.restarts_throughput [--device cuda] [--restarts 8] [--smoke]
 """
 from __future__ import annotations
+
+if __package__ in (None, ""):  # python benchmarks/restarts_throughput.py: import this package (not opacus's "benchmarks")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import statistics
@@ -16,7 +23,7 @@ import time
 
 import torch
 
-from common import single_thread, write_json
+from benchmarks.common import add_common_arguments, environment, single_thread, write_result
 
 
 def _victim(name: str, num_classes: int = 10) -> torch.nn.Module:
@@ -29,7 +36,8 @@ def _victim(name: str, num_classes: int = 10) -> torch.nn.Module:
     return torchvision_classifier("resnet18", num_classes=num_classes).eval()
 
 
-def _bound(cls, name: str, restarts: int, batch: int, device: torch.device):
+def _bound(mode: str, name: str, restarts: int, batch: int, device: torch.device):
+    from lightning_gi.attacks import ImagePriorAttack
     from lightning_gi.labels import SharedLabels
     from lightning_gi.objectives import CosineDistance
     from lightning_gi.objectives.priors import TotalVariation
@@ -42,9 +50,9 @@ def _bound(cls, name: str, restarts: int, batch: int, device: torch.device):
     obs = capture_observation(model, images, labels, share_labels=True)
     zeros = torch.zeros(3, 1, 1)
     inputs = AttackInputs(model, obs, (3, 32, 32), zeros, zeros + 1, 10)
-    attack = cls(
+    attack = ImagePriorAttack(
         label_strategy=SharedLabels(), distance=CosineDistance(), priors=[TotalVariation(weight=1e-4)],
-        signed_gradients=True, boxed=True, restarts=restarts, seed=0,
+        signed_gradients=True, boxed=True, restarts=restarts, seed=0, restart_mode=mode,
     )
     attack.bind(inputs, device=device)
     opt = torch.optim.Adam(attack._unknowns, lr=0.1)
@@ -76,12 +84,12 @@ def _time(attack, opt, steps: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _peak_memory(cls, name, restarts, batch, device) -> float | None:
+def _peak_memory(mode, name, restarts, batch, device) -> float | None:
     if device.type != "cuda":
         return None
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    attack, opt = _bound(cls, name, restarts, batch, device)
+    attack, opt = _bound(mode, name, restarts, batch, device)
     _step(attack, opt)
     _sync(device)
     peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -90,10 +98,10 @@ def _peak_memory(cls, name, restarts, batch, device) -> float | None:
 
 
 def bench(name: str, restarts: int, batch: int, steps: int, rounds: int, device: torch.device) -> dict:
-    from lightning_gi.attacks import ImagePriorAttack, VectorisedRestartsAttack
-
-    seq = _bound(ImagePriorAttack, name, restarts, batch, device)
-    vec = _bound(VectorisedRestartsAttack, name, restarts, batch, device)
+    seq = _bound("sequential", name, restarts, batch, device)
+    vec = _bound("vectorised", name, restarts, batch, device)
+    if not vec[0].vectorised_restarts or seq[0].vectorised_restarts:
+        raise RuntimeError("restart_mode was not honoured: the comparison would time the same loop twice")
     d_seq, d_vec = _step(*seq), _step(*vec)  # also the warm-up
     max_rel_diff = float(((d_vec - d_seq).abs() / d_seq.abs().clamp_min(1e-12)).max())
     _step(*seq), _step(*vec)
@@ -118,8 +126,8 @@ def bench(name: str, restarts: int, batch: int, steps: int, rounds: int, device:
     }
     del seq, vec
     if device.type == "cuda":
-        out["sequential_peak_mib"] = _peak_memory(ImagePriorAttack, name, restarts, batch, device)
-        out["vectorised_peak_mib"] = _peak_memory(VectorisedRestartsAttack, name, restarts, batch, device)
+        out["sequential_peak_mib"] = _peak_memory("sequential", name, restarts, batch, device)
+        out["vectorised_peak_mib"] = _peak_memory("vectorised", name, restarts, batch, device)
     print(
         f"{name:9s} R={restarts} N={batch} {device.type}: sequential {out['sequential_restarts_per_s']:.2f} restarts/s, "
         f"vectorised {out['vectorised_restarts_per_s']:.2f} restarts/s, ratio {out['ratio_median']:.2f}x "
@@ -129,7 +137,7 @@ def bench(name: str, restarts: int, batch: int, steps: int, rounds: int, device:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--restarts", type=int, default=8)
@@ -138,7 +146,10 @@ def main() -> None:
     parser.add_argument("--lenet-steps", type=int, default=20)
     parser.add_argument("--resnet-steps", type=int, default=3)
     parser.add_argument("--victims", default="lenet,resnet18")
-    args = parser.parse_args()
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.restarts, args.rounds, args.lenet_steps, args.resnet_steps, args.victims = 2, 1, 2, 1, "lenet"
     single_thread()
     device = torch.device(args.device)
     results = []
@@ -148,10 +159,9 @@ def main() -> None:
             steps *= 10
         results.append(bench(name, args.restarts, args.batch, steps, args.rounds, device))
     suffix = "" if device.type == "cpu" else f"_{device.type}"
-    payload = {"benchmark": "restarts_throughput", "device": str(device), "results": results}
-    if device.type == "cuda":
-        payload["gpu"] = torch.cuda.get_device_name(device)
-    write_json(f"restarts_throughput{suffix}", payload)
+    settings = {k: v for k, v in vars(args).items() if k != "results_dir"}
+    write_result("restarts_throughput", settings, results, name=f"restarts_throughput{suffix}", out=args.results_dir,
+                 env=environment(str(device)))
 
 
 if __name__ == "__main__":

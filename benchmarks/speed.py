@@ -20,16 +20,22 @@ Cases (CPU suite, the default):
 The GPU suite (``--suite gpu``, run by benchmarks/gpu_suite.sh) times larger cases per device with peak memory
 (see that script); ``--smoke`` shrinks every size so that the whole suite runs on a CPU in seconds.
 
-    OMP_NUM_THREADS=1 python benchmarks/speed.py [--pairs 3] [--scale 1.0] [--out speed]
+Loop overhead and raw throughput against a plain loop: a config cannot express the plain loop, so the attacks
+are built here. Rows of the JSON envelope: one per (case, variant of ours), with the case's plain-loop figures.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.speed [--pairs 3] [--scale 1.0] [--out speed] [--smoke]
 """
 from __future__ import annotations
 
+if __package__ in (None, ""):  # python benchmarks/speed.py: import this package (not opacus's "benchmarks")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,10 +44,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import environment, write_result
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -62,32 +65,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    env = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    try:
-        env["load_average"] = list(os.getloadavg())
-    except OSError:
-        pass
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
+def flat_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (case, variant): the case's fields, ``variant`` and the variant's figures (dotted keys)."""
+    rows = []
+    for r in results:
+        case = {k: v for k, v in r.items() if k != "variants"}
+        for variant, figures in r["variants"].items():
+            rows.append({**case, "variant": variant, **figures})
+    return rows
 
 
 def write(name: str, settings: dict[str, Any], device: torch.device, results: list[dict[str, Any]]) -> Path:
-    path = Path(name) if name.endswith(".json") else RESULTS / f"{name}.json"  # a .json path, or a name in results/
-    path.parent.mkdir(parents=True, exist_ok=True)
-    name = path.stem
-    payload = {"benchmark": name, "settings": settings, "environment": environment(device), "results": results}
-    path.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {path}", flush=True)
-    return path
+    """The envelope: ``name`` is a file name in the results directory, or a path ending in .json."""
+    directory = settings.get("results_dir")
+    settings = {k: v for k, v in settings.items() if k != "results_dir"}
+    as_path = name.endswith(".json")
+    return write_result("speed", settings, flat_rows(results), name=None if as_path else name,
+                        out=name if as_path else directory, env=environment(str(device)))
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -519,10 +513,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the step counts")
     parser.add_argument("--cases", default="", help="comma-separated subset of case names")
     parser.add_argument("--device", default=None, help="gpu suite: cuda (default when available) or cpu")
-    parser.add_argument("--smoke", action="store_true", help="gpu suite: tiny sizes, seconds on a CPU")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and one pair: seconds on a CPU (both suites)")
     parser.add_argument("--compile", action="store_true", help="gpu suite: add the compiled variant (cold compile: minutes)")
-    parser.add_argument("--out", default=None, help="results/<out>.json, or a path ending in .json (default speed / speed_gpu / speed_smoke)")
+    parser.add_argument("--out", default=None, help="<results dir>/<out>.json, or a path ending in .json (default speed / speed_gpu / speed_smoke)")
+    parser.add_argument("--results-dir", default=None, help="directory of the JSON result (default $LIGHTNING_GI_BENCH_RESULTS or benchmarks/results/)")
     args = parser.parse_args(argv)
+    if args.smoke and args.suite == "cpu":
+        args.pairs, args.scale = 1, 0.05
     if args.pairs < 1:
         parser.error("--pairs must be >= 1")
     setup_threads()

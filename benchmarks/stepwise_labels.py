@@ -21,16 +21,25 @@ rows) ``fitness_found_ge_truth``: the fraction of batches where the coarse class
 found have a fitness at least that of the TRUE counts -- when it is 1 while ``exact`` is low, the search is
 doing its job and the paper's feature model (sorted rows ~ n_c * mean sorted feature) is what misses.
 
-    OMP_NUM_THREADS=1 python benchmarks/stepwise_labels.py [--size 32] [--trials 10] [--train-steps 150]
+Label strategies only (no attack runs, no recipe to reuse). Rows: one per (model state, batch case, strategy),
+with the state's training figures.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.stepwise_labels [--size 32] [--trials 10] [--train-steps 150] [--smoke]
 """
 from __future__ import annotations
+
+if __package__ in (None, ""):  # python benchmarks/stepwise_labels.py: import this package (not opacus's "benchmarks")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import time
 
 import torch
 
-from common import single_thread, write_json
+from benchmarks.common import add_common_arguments, single_thread, write_result
 
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]
@@ -64,7 +73,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--cases", default=",".join(f"{n}/{k}" for n, k in CASES), help="N/K batch cases, comma-separated")
+    add_common_arguments(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.size, args.trials, args.train_steps, args.cases = 32, 1, 1, "8/3"
+    cases = [tuple(int(v) for v in c.split("/")) for c in args.cases.split(",")]
     single_thread()
 
     from lightning_gi.labels import CoarseLabelCounts, EvolutionaryLabelCounts, IDLGLabels, classifier_gradients
@@ -77,7 +91,7 @@ def main() -> None:
     train_photos = BundledPhotographs(image_size=args.size, crops_per_photo=16, seed=3, pool="public")  # disjoint from the attacked photographs
     m = torch.tensor(MEAN).view(-1, 1, 1)
     s = torch.tensor(STD).view(-1, 1, 1)
-    out: dict = {"args": vars(args), "cases": [f"{n} images / {k} classes" for n, k in CASES], "models": {}}
+    out_rows: list[dict] = []
     for state in ("untrained", "trained"):
         model = bn_calibrated_classifier(args.model, 1000, image_size=args.size, mean=MEAN, std=STD, seed=0)
         info = {}
@@ -94,8 +108,7 @@ def main() -> None:
         for name, strat in strategies.items():
             if isinstance(strat, EvolutionaryLabelCounts):
                 strat.statistics(model)  # once per model, not timed per batch
-        table: dict = {}
-        for n, k in CASES:
+        for n, k in cases:
             row = {name: {"exact": 0, "class_set": 0, "count_l1": 0.0, "seconds": 0.0, "fitness_found_ge_truth": 0} for name in strategies}
             for trial in range(args.trials):
                 x, y, _ = select_batch(photos, n, seed=1000 * n + trial, label_mode="repeated", num_distinct=k)
@@ -126,10 +139,11 @@ def main() -> None:
                 r["count_l1"] /= args.trials
                 r["fitness_found_ge_truth"] /= args.trials
                 r["seconds"] /= args.trials
-            table[f"{n}/{k}"] = row
+            out_rows += [{"state": state, "batch_size": n, "num_distinct": k, "strategy": name, **r, **info}
+                         for name, r in row.items()]
             print(state, f"N={n} K={k}", {name: (r["exact"], r["class_set"], round(r["count_l1"], 2)) for name, r in row.items()}, flush=True)
-        out["models"][state] = {"info": info, "results": table}
-    write_json(f"stepwise_labels_{args.model}_{args.size}px", out)
+    settings = {k: v for k, v in vars(args).items() if k != "results_dir"}
+    write_result("stepwise_labels", settings, out_rows, name=f"stepwise_labels_{args.model}_{args.size}px", out=args.results_dir)
 
 
 if __name__ == "__main__":
