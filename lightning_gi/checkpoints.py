@@ -6,8 +6,8 @@ the ``checkpoints/`` directory of this source tree, then torch hub's cache (``$T
 A path with a directory part (``checkpoints/x.pt``, ``/abs/x.pt``) is taken as given, never searched.
 
 :func:`resolve_checkpoint` is the one place that turns a name or path into a file: to read it
-(``if_missing="raise"``, the default, or ``"none"``) or to write it (``"destination"``: where the search
-above will find it first).
+(``if_missing="raise"``, the default, or ``"none"``) or to write it (``"destination"``: the first directory
+searched, so the search above finds the new file first).
 """
 from __future__ import annotations
 
@@ -76,19 +76,21 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, what: str = "pretrained 
     """The file for an explicit path or a bare file name (searched as in the module docs).
 
     When no such file exists: ``if_missing="raise"`` raises :class:`MissingCheckpointError` naming the file,
-    the directories searched and ``what`` (what the file is for); ``"none"`` returns None; ``"destination"``
-    returns where to WRITE it: an explicit path as given, a bare name in ``$LIGHTNING_GI_CHECKPOINTS`` when
-    set, else in ``./checkpoints`` (the first directory searched, so a later lookup finds the new file).
-    An existing bare-named file is returned in every mode (writing over it replaces the file the lookup finds).
+    the directories searched and ``what`` (what the file is for); ``"none"`` returns None.
+
+    ``if_missing="destination"`` returns where to WRITE the file, whether or not one exists: an explicit path as
+    given, a bare name in the first directory searched (``$LIGHTNING_GI_CHECKPOINTS`` when set, else
+    ``./checkpoints``), so that a later lookup finds the new file first. A file of that name in a directory
+    searched later (this source tree's ``checkpoints/``, torch hub's cache) is never overwritten.
     """
     if if_missing not in ("raise", "none", "destination"):
         raise ValueError(f"if_missing must be 'raise', 'none' or 'destination', got {if_missing!r}")
-    found = find_checkpoint(name_or_path)
-    if found is not None or if_missing == "none":
-        return found
     if if_missing == "destination":
         p = Path(name_or_path).expanduser()
         return checkpoint_dirs()[0] / p.name if _is_bare_name(p) else p
+    found = find_checkpoint(name_or_path)
+    if found is not None or if_missing == "none":
+        return found
     searched = ", ".join(str(d) for d in checkpoint_dirs())
     raise MissingCheckpointError(
         f"{what}: file '{name_or_path}' not found (searched: {searched}). Nothing is downloaded by "

@@ -559,3 +559,47 @@ def test_one_tensor_referenced_thousands_of_times_is_refused(tmp_path):
     pkl.write_bytes(op_pickle(op_dict((op_str("G_ema"), op_record(op_dict((op_str("_parameters"), params)))))))
     with pytest.raises(CorruptCheckpointError, match="more tensor bytes than the file holds"):
         load_stylegan2_pkl(pkl)
+
+
+# ---------------------------------------------------------------------------------------------- one resolver
+def test_resolve_checkpoint_reads_searched_files_and_writes_where_the_search_looks_first(tmp_path, monkeypatch):
+    """Issue 13.5: every generator file (GIAS, GIML's output, train-dcgan's default, aux statistics) is located by
+    ``resolve_checkpoint``; a bare name written with ``if_missing="destination"`` is the one a later lookup finds."""
+    from lightning_gi.checkpoints import resolve_checkpoint
+    from lightning_gi.generators.registry import generator_file
+
+    first, later = tmp_path / "env", tmp_path / "work"
+    (later / "checkpoints").mkdir(parents=True)
+    monkeypatch.chdir(later)
+    monkeypatch.setenv("LIGHTNING_GI_CHECKPOINTS", str(first))
+    (later / "checkpoints" / "g.pt").write_bytes(b"x")
+    assert resolve_checkpoint("g.pt") == later / "checkpoints" / "g.pt"
+    assert resolve_checkpoint("missing.pt", if_missing="none") is None
+    with pytest.raises(MissingCheckpointError, match="for a test.*missing.pt"):
+        resolve_checkpoint("missing.pt", "for a test")
+    # writing: the first directory searched, never over a file found further down
+    dest = resolve_checkpoint("g.pt", if_missing="destination")
+    assert dest == first / "g.pt"
+    save_generator(DCGANGenerator(resolution=32, z_dim=4, ngf=2), dest)
+    assert resolve_checkpoint("g.pt") == dest and (later / "checkpoints" / "g.pt").read_bytes() == b"x"
+    explicit = tmp_path / "elsewhere" / "g.pt"
+    assert resolve_checkpoint(explicit, if_missing="destination") == explicit
+    monkeypatch.delenv("LIGHTNING_GI_CHECKPOINTS")
+    assert resolve_checkpoint("new.pt", if_missing="destination") == later / "checkpoints" / "new.pt"
+    with pytest.raises(ValueError, match="if_missing"):
+        resolve_checkpoint("g.pt", if_missing="download")
+    # which file a generator spec loads: the explicit file, else the registry's when pretrained, else none
+    assert generator_file("dcgan_digits32") == "dcgan_digits32.pt"
+    assert generator_file("dcgan_digits32", checkpoint_path="mine.pt") == "mine.pt"
+    assert generator_file("dcgan32", pretrained=False) is None
+    with pytest.raises(ValueError, match="no pretrained file"):
+        generator_file("dcgan32")
+
+
+def test_missing_auxiliary_statistics_name_the_command_that_makes_them(tmp_path, monkeypatch):
+    from lightning_gi.labels import load_auxiliary_stats
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_GI_CHECKPOINTS", raising=False)
+    with pytest.raises(FileNotFoundError, match="lightning-gi aux-stats"):
+        load_auxiliary_stats("no_such_stats.pt")
