@@ -76,7 +76,7 @@ def part_gias(args: argparse.Namespace) -> dict[str, Any]:
 
     from lightning_gi.generators.train_dcgan import train_photos_generator
 
-    gen_path = ROOT / "checkpoints" / "gias_bench_dcgan_photos32.pt"  # git-ignored
+    gen_path = Path(args.generator)
     t0 = time.perf_counter()
     if not gen_path.exists() or args.retrain:
         g = train_photos_generator(out=str(gen_path), steps=args.train_steps)
@@ -232,6 +232,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--train-steps", type=int, default=800)
     p.add_argument("--retrain", action="store_true")
+    p.add_argument("--generator", default=str(ROOT / "checkpoints" / "gias_bench_dcgan_photos32.pt"),
+                   help="part A's fitted DCGAN (git-ignored; fitted when missing or with --retrain)")
     p.add_argument("--meta-steps", type=int, default=150)
     p.add_argument("--meta-lr", type=float, default=1e-2, help="GIML outer Adam lr (paper 1e-2)")
     p.add_argument("--inner", type=int, default=30, help="GIML inner latent and adaptation steps")
@@ -241,8 +243,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--name", default="gias_bench")
     add_common_arguments(p)
     args = p.parse_args(argv)
-    if args.smoke:  # part A needs a fitted generator (minutes): the smoke run checks GIML's loop only
-        args.part, args.meta_steps, args.inner, args.eval_tasks, args.eval_steps = "giml", 4, 2, 1, 2
+    smoke_dir = tempfile.TemporaryDirectory() if args.smoke else None
+    if smoke_dir is not None:  # a generator fitted for 2 steps in a temporary file (never the real prior's file)
+        args.budget, args.batches, args.train_steps, args.retrain = 3, 1, 2, True
+        args.generator = str(Path(smoke_dir.name) / "smoke_dcgan_photos32.pt")
+        args.meta_steps, args.inner, args.eval_tasks, args.eval_steps = 4, 2, 1, 2
     single_thread()
     out_path = results_dir(args.results_dir, smoke=args.smoke) / f"{args.name}.json"
     if args.part in ("all", "gias"):
@@ -252,6 +257,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.giml_loop == "authors":
             key = f"giml_authors_loop_meta_lr_{args.meta_lr:g}"
         merge_part(out_path, key, part_giml(args), args.smoke)
+    if smoke_dir is not None:
+        smoke_dir.cleanup()
 
 
 if __name__ == "__main__":
