@@ -42,7 +42,7 @@ from ..labels import IDLGLabels, LabelStrategy, SharedLabels
 from ..objectives.distances import CosineDistance
 from ..objectives.priors import TotalVariation
 from ..observation import GradientObservation
-from ..victim.datamodule import AttackInputs, GroundTruth
+from ..victim.datamodule import AttackInputs
 from ..victim.tasks import GradientTask, GradientTasks, _TaskIndices  # noqa: F401 (moved to victim.tasks; re-exported)
 from .image_prior import INVERTING_GRADIENTS_MILESTONES, DistanceFn, milestones_from_fractions
 

@@ -221,7 +221,7 @@ def generator_file(name: str, pretrained: bool = True, checkpoint_path: Optional
     """The file generator ``name`` loads: ``checkpoint_path`` when given, else the variant's expected file when
     ``pretrained`` (None: random init). Locate it with :func:`lightning_gi.checkpoints.resolve_checkpoint`."""
     cfg = get_generator_config(name)
-    if checkpoint_path is not None:
+    if checkpoint_path:  # None or "": no explicit file
         return os.fspath(checkpoint_path)
     if not pretrained:
         return None
