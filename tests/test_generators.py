@@ -232,3 +232,20 @@ def test_train_dcgan_command_writes_a_loadable_prior(tmp_path, capsys):
     assert "step 3/3" in captured.err and "wrote" in captured.out
     g = create_generator("dcgan_digits32", checkpoint_path=str(out))
     assert g(torch.randn(2, g.z_dim)).shape == (2, 1, 32, 32) and g.ngf == 4
+
+
+def test_build_generator_fits_a_missing_prior_where_the_lookup_finds_it(tmp_path, monkeypatch):
+    """A project prior fitted on first use is written with resolve_checkpoint(if_missing="destination") and is
+    the file the same name resolves to afterwards (here a bare name, $LIGHTNING_GI_CHECKPOINTS set)."""
+    from lightning_gi.checkpoints import resolve_checkpoint
+    from lightning_gi.generators import build_generator
+
+    monkeypatch.setenv("LIGHTNING_GI_CHECKPOINTS", str(tmp_path))
+    monkeypatch.setitem(get_generator_config("dcgan_digits32").extra["recipe"], "steps", 5)  # a short fit
+    with pytest.warns(UserWarning, match="fitting it now"):
+        g = build_generator("dcgan_digits32", checkpoint_path="first_use.pt", generator_kwargs={"ngf": 2}, train_if_missing=True)
+    assert (tmp_path / "first_use.pt").is_file() and resolve_checkpoint("first_use.pt") == tmp_path / "first_use.pt"
+    assert g.ngf == 2 and g.checkpoint_file == str(tmp_path / "first_use.pt")
+    again = build_generator("dcgan_digits32", checkpoint_path="first_use.pt", train_if_missing=True)  # no second fit
+    z = torch.randn(2, g.z_dim)
+    assert torch.equal(again(z), g(z))
