@@ -1,14 +1,19 @@
 """lightning_gi: gradient inversion attacks as PyTorch Lightning modules.
 
 The public names below are imported on first use, so ``import lightning_gi`` (and ``lightning-gi --help``)
-does not pay for torch and Lightning.
+does not pay for torch and Lightning. The Trainer strategies ``gi_shard`` / ``gi_restarts`` / ``gi_shard_spawn``
+are registered here, at package import (:mod:`lightning_gi.strategies`: at once when Lightning is loaded, else
+when it is).
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
+from .strategies import register_at_lightning_import as _register_strategies
+
 __version__ = "0.1.0"
+_register_strategies()
 
 _LAZY = {
     "GradientObservation": "lightning_gi.observation",

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -61,6 +61,7 @@ from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor, nn
 
 __all__ = [
+    "ShardableAttack",
     "AllReduceSum",
     "all_reduce_sum",
     "all_reduce_tensors",
@@ -129,6 +130,36 @@ def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
     base, extra = divmod(n, parts)
     start = index * base + min(index, extra)
     return start, start + base + (1 if index < extra else 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the contract between a shard and the attack
+# ----------------------------------------------------------------------------------------------------
+@runtime_checkable
+class ShardableAttack(Protocol):
+    """What :class:`Shard` reads from and asks of an attack (``GradientInversionAttack`` implements it). The shard
+    never writes the attack's fields: it calls :meth:`keep_restarts` or :meth:`reseed_unknowns`."""
+
+    seed: int
+    restarts: int
+    #: ``(start, stop, total)`` of the restarts this process keeps (set by keep_restarts); None: all / no restarts
+    restart_span: Optional[tuple[int, int, int]]
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def victim(self) -> nn.Module: ...
+
+    @property
+    def supports_batch_sharding(self) -> bool: ...
+
+    @property
+    def has_restart_dimension(self) -> bool: ...
+
+    def keep_restarts(self, start: int, stop: int) -> None: ...
+
+    def reseed_unknowns(self, seed: int) -> None: ...
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,15 +235,13 @@ class Shard:
     def restart_range(self, restarts: int) -> tuple[int, int]:
         return split_range(restarts, self.restart_groups, self.restart_rank)
 
-    # -- hooks called by GradientInversionAttack ---------------------------------------------------------
-    def localise_unknowns(self, attack: Any) -> None:
-        """Called in ``bind`` right after ``create_unknowns``: validate, keep this group's restarts."""
+    # -- hooks called by GradientInversionAttack (through the ShardableAttack protocol only) ----------------
+    def localise_unknowns(self, attack: "ShardableAttack") -> None:
+        """Called in ``bind`` right after ``create_unknowns``: validate, then tell the attack which restarts it keeps
+        (:meth:`ShardableAttack.keep_restarts`) or which seed its group uses (:meth:`ShardableAttack.reseed_unknowns`)."""
         n = attack.batch_size
         if self.shards_batch:
-            from .attacks.base import GradientInversionAttack
-
-            own = type(attack).victim_gradients is not GradientInversionAttack.victim_gradients
-            if own and not getattr(attack, "supports_batch_sharding", False):
+            if not attack.supports_batch_sharding:
                 raise ValueError(
                     f"{type(attack).__name__} computes its own victim gradients (e.g. unrolled FedAvg updates, which "
                     "mix the samples through the local steps), so its batch cannot be sharded: use gi_restarts"
@@ -226,22 +255,17 @@ class Shard:
                 )
         if self.restart_groups == 1:
             return
-        restarts = getattr(attack, "restarts", None)
-        images = getattr(attack, "dummy_images", None)
-        if restarts is not None and isinstance(images, Tensor) and images.dim() >= 1 and images.shape[0] == restarts:
+        if attack.has_restart_dimension:
+            restarts = attack.restarts
             if restarts < self.restart_groups:
                 raise ValueError(
                     f"{restarts} restarts cannot be spread over {self.restart_groups} restart groups: "
                     f"set restarts >= {self.restart_groups} (or fewer processes)"
                 )
             start, stop = self.restart_range(restarts)
-            attack.dummy_images = nn.Parameter(images.detach()[start:stop].clone())
-            attack.restarts = stop - start
-            attack.global_restarts = (start, stop, restarts)
-        else:  # no restart dimension: one restart per group, seeded seed + group index
-            if self.restart_rank:
-                attack.create_unknowns(torch.Generator().manual_seed(int(attack.seed) + self.restart_rank))
-            attack.global_restarts = None  # group j = the whole attack with seed + j
+            attack.keep_restarts(start, stop)
+        elif self.restart_rank:  # no restart dimension: one restart per group, seeded seed + group index
+            attack.reseed_unknowns(int(attack.seed) + self.restart_rank)
 
     def check_local_batch(self, n_local: int, batch_size: int, attack: Any) -> None:
         """Refuse an attack whose dummy batch is not this rank's shard (it made its unknowns without
@@ -304,7 +328,7 @@ class Shard:
 
     def gather_reconstruction(self, rec: dict[str, Any], attack: Any) -> dict[str, Any]:
         """Collective over ALL ranks: stitch each group's batch shards, then keep the best group's result."""
-        gathered = _all_gather_objects((rec, self.batch_range(attack.batch_size), getattr(attack, "global_restarts", None)))
+        gathered = _all_gather_objects((rec, self.batch_range(attack.batch_size), attack.restart_span))
         groups = [gathered[g * self.batch_world : (g + 1) * self.batch_world] for g in range(self.restart_groups)]
         per_group = [self._stitch([r for r, _, _ in grp], [rng for _, rng, _ in grp], attack.batch_size) for grp in groups]
         if self.restart_groups == 1:
@@ -422,12 +446,11 @@ class GIShardStrategy(DDPStrategy):
 
 
 def _register() -> None:
+    """Register the strategies with Lightning (idempotent). Called by :mod:`lightning_gi.strategies` when the
+    package is imported (or when Lightning's strategies are first imported after it), not by the attacks."""
     for name in STRATEGY_NAMES:
         if name in StrategyRegistry:
             return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         GIShardStrategy.register_strategies(StrategyRegistry)
-
-
-_register()

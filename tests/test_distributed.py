@@ -97,7 +97,7 @@ _BUILDERS = {
 
 
 def _loss_and_grads(attack) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    loss = attack.objective()[0]
+    loss = attack.evaluate()[0]
     loss.backward(inputs=attack._unknowns)
     return loss.detach(), [p.grad.detach().clone() for p in attack._unknowns]
 
@@ -326,7 +326,7 @@ def test_vectorised_restarts_equal_sequential_restarts():
         outs = []
         for a, opt in zip((sequential, vectorised), opts):
             opt.zero_grad()
-            loss, distances, images, terms = a.objective()
+            loss, distances, images, terms = a.evaluate()
             a.update_best(distances.detach(), images.detach())
             a.backward(loss)
             opt.step()

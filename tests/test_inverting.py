@@ -52,7 +52,7 @@ def test_short_inverting_gradients_run_lowers_loss_and_raises_psnr(lean_trainer_
     attack = InvertingGradients(priors=[TotalVariation(weight=1e-4)], seed=0)
     attack.bind(dm.attack_inputs())
     with torch.enable_grad():
-        _, start_distance, start_images, _ = attack.objective()
+        _, start_distance, start_images, _ = attack.evaluate()
     start_rgb = attack.inputs.to_image_space(start_images[0].detach()).clamp(0, 1)
     truth = dm.ground_truth().images
     fit(attack, dm, 150, lean_trainer_kwargs)
@@ -205,10 +205,10 @@ def test_gradinversion_batch_recovers_labels_and_lowers_the_loss(lean_trainer_kw
     assert sorted(attack.labels.tolist()) == sorted(labels.tolist())
     assert isinstance(attack.priors[0], BNStatisticsPrior) and attack.priors[0].attached
     with torch.enable_grad():
-        start_loss = float(attack.objective()[0])
+        start_loss = float(attack.evaluate()[0])
     fit(attack, dm, 60, lean_trainer_kwargs)
     with torch.enable_grad():
-        end_loss = float(attack.objective()[0])
+        end_loss = float(attack.evaluate()[0])
     assert end_loss < 0.5 * start_loss
     rec = attack.reconstruction()
     assert rec["images"].shape == images.shape

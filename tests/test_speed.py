@@ -123,7 +123,7 @@ def test_no_host_sync_in_the_step():
     for _ in range(2):  # the second step runs with the cached distance invariants
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             opt.zero_grad(set_to_none=True)
-            loss, distances, images, _ = attack.objective()
+            loss, distances, images, _ = attack.evaluate()
             attack.update_best(distances.detach(), images.detach())
             attack.backward(loss)
             attack.on_before_optimizer_step(opt)
@@ -193,11 +193,11 @@ def test_prepared_distance_recomputed_on_schedule_change():
     grads = [g.detach() for g in attack.victim_gradients(attack.dummy_images[0], attack.labels)]
     full = attack.matching_distance(grads)
     n = len(grads)
-    attack.gradient_weights = [1.0] * (n - 1) + [0.0]
+    attack.objective.set_weights([1.0] * (n - 1) + [0.0])
     partial = attack.matching_distance(grads)
-    assert torch.equal(partial, attack.distance(grads, attack._target_gradients, attack.gradient_weights, None))
+    assert torch.equal(partial, attack.distance(grads, attack.objective.targets, attack.gradient_weights, None))
     assert not torch.equal(partial, full)
-    attack.gradient_weights = None
+    attack.objective.set_weights(None)
     assert torch.equal(attack.matching_distance(grads), full)
 
 
@@ -235,9 +235,9 @@ def test_compiled_matching_step_equals_eager_and_does_not_recompile_under_schedu
         return attack.bind(AttackInputs(model, obs, (3, 16, 16), zeros, zeros + 1, 10))
 
     eager, compiled = bound(False), bound(True)
-    n = len(eager._target_gradients)
+    n = len(eager.objective.targets)
     gen = torch.Generator().manual_seed(0)
-    masks = lambda: [torch.rand(t.shape, generator=gen) > 0.3 for t in eager._target_gradients]  # noqa: E731
+    masks = lambda: [torch.rand(t.shape, generator=gen) > 0.3 for t in eager.objective.targets]  # noqa: E731
     # (schedule, whether it may compile): new weights never recompile; the first masks compile once (a new
     # structure: masks present), new mask values do not
     schedules = [(None, None, True), ([1.0] * (n - 2) + [0.0, 2.0], None, False), ([0.5] * n, masks(), True),
@@ -246,8 +246,9 @@ def test_compiled_matching_step_equals_eager_and_does_not_recompile_under_schedu
         before = sum(counters["frames"].values())
         values = []
         for attack in (eager, compiled):
-            attack.gradient_weights, attack.gradient_masks = weights, m
-            loss, distance, _, _ = attack.objective()
+            attack.objective.set_weights(weights)
+            attack.objective.set_masks(m)
+            loss, distance, _, _ = attack.evaluate()
             (grad,) = torch.autograd.grad(loss, [attack.dummy_images])
             values.append((loss.detach(), distance.detach(), grad))
         for a, b in zip(*values):

@@ -20,22 +20,24 @@ like and the reported number is the plain distance of the returned reconstructio
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..client import ThreatModel, cross_entropy, forward_keeping_buffers
+from ..client import ThreatModel, client_gradient
 from ..labels import LabelStrategy
-from ..objectives.distances import prepare_distance, squared_l2
+from ..objectives.distances import squared_l2
+from ..objectives.matching import MatchingObjective
 from ..observation import GradientObservation
 from ..victim.datamodule import AttackInputs
 from .label_slots import LabelSlotSearch
 
 INIT_CHOICES = ("randn", "rand", "half", "zeros")
+RESTART_MODES = ("auto", "sequential", "vectorised")
+RestartMode = Literal["auto", "sequential", "vectorised"]
 
 
 def _default_lbfgs(params: Any) -> torch.optim.Optimizer:
@@ -54,6 +56,11 @@ class _WithGradient(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (gradient,) = ctx.saved_tensors
         return grad_output * gradient, None, None
+
+
+def _pick(stacked: Tensor, index: Tensor) -> Tensor:
+    """``stacked[index]`` for a 0-d index tensor without a host sync (plain indexing calls ``.item()``)."""
+    return stacked.index_select(0, index.reshape(1)).squeeze(0)
 
 
 class GradientInversionAttack(pl.LightningModule):
@@ -101,22 +108,27 @@ class GradientInversionAttack(pl.LightningModule):
         self.compile = bool(compile)
         if self.steps_per_call > 1:
             self.automatic_optimization = False
-        self._prepared: Optional[tuple[Any, ...]] = None  # cached invariants of the optimised distance
         self._compiled_step: Optional[Callable[..., Any]] = None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.label_strategy = label_strategy
         self.init = init
         self.seed = seed
-        self.distance = distance if distance is not None else squared_l2
-        # Set by schedule callbacks (stepwise layers, gradient dropout); None means all, unmasked.
-        self.gradient_weights: Optional[list[float]] = None
-        self.gradient_masks: Optional[list[Optional[Tensor]]] = None
         self.priors = nn.ModuleList()
+        # The public matching objective: targets, distance, schedule weights/masks, priors (lightning_gi.objectives.
+        # matching). Schedules and guards change it only through its methods; reset_best() restarts best tracking.
+        self.objective = MatchingObjective(distance if distance is not None else squared_l2, self.priors)
+        self.objective.on_reset_best(self.reset_best)
+        # Restarts: R independent initialisations; the core sees every attack's dummy images as [R, N, ...]
+        # (restart_images()), keeps a best iterate per restart and returns the winner. R = 1 unless a subclass says.
+        self.restarts = 1
+        self.restart_mode: RestartMode = "sequential"
+        self.vectorised_restarts = False  # resolved in bind() (resolve_restart_mode)
+        self.restart_span: Optional[tuple[int, int, int]] = None  # (start, stop, total) of the restarts kept here
+        self._vmap_distance: Optional[bool] = None
         self._inputs: Optional[AttackInputs] = None
         self._victim_params: list[Tensor] = []
         self._unknowns: list[nn.Parameter] = []
-        self._target_gradients: list[Tensor] = []
         self._last_logged_step = -1
         # Multi-process: what this rank owns (lightning_gi.distributed.Shard), set in setup() by a gi_shard /
         # gi_restarts strategy; None (the default) means this process runs the whole inversion.
@@ -166,11 +178,12 @@ class GradientInversionAttack(pl.LightningModule):
             p.requires_grad_(True)
         self._inputs = inputs
         self.threat_model = self.read_threat_model(inputs.observation)
+        self.vectorised_restarts = self.resolve_restart_mode(model, device)
         self._victim_params = list(model.parameters())
         scale = self.threat_model.pseudo_gradient_scale
-        self._target_gradients = [
-            g.to(device=device, dtype=p.dtype) * scale for g, p in zip(inputs.observation.gradients, self._victim_params)
-        ]
+        self.objective.set_targets(
+            [g.to(device=device, dtype=p.dtype) * scale for g, p in zip(inputs.observation.gradients, self._victim_params)]
+        )
         self.loss_reduction = inputs.observation.loss_reduction
         labels = self.recover_labels()
         if labels is not None:
@@ -180,17 +193,42 @@ class GradientInversionAttack(pl.LightningModule):
         gen = torch.Generator().manual_seed(self.seed)
         self.create_unknowns(gen)
         if self.shard is not None:
-            self.shard.localise_unknowns(self)  # keep this rank's restarts; validate batch sharding
+            self.shard.localise_unknowns(self)  # the shard calls keep_restarts / reseed_unknowns (ShardableAttack)
         self._unknowns = [p for p in self.parameters() if p.requires_grad]
         for prior in self.priors:
             if hasattr(prior, "attach"):
                 prior.attach(model)
         if self.label_slots.applies(self):
             self.label_slots.search(self, gen)
-        self.register_buffer("best_loss", torch.tensor(math.inf))
-        self.register_buffer("best_images", self.initial_images(gen).detach().clone())
         self.to(device)
+        self.init_best()
         return self
+
+    # ------------------------------------------------------------------ the distributed protocol (ShardableAttack)
+    @property
+    def supports_batch_sharding(self) -> bool:
+        """Whether the dummy batch may be split over processes: the attack uses the core's victim gradients."""
+        return type(self).victim_gradients is GradientInversionAttack.victim_gradients
+
+    @property
+    def has_restart_dimension(self) -> bool:
+        """True when the unknowns carry the leading restart dimension (R initialisations side by side)."""
+        images = getattr(self, "dummy_images", None)
+        return isinstance(images, Tensor) and images.dim() == len(self.inputs.image_shape) + 2
+
+    def keep_restarts(self, start: int, stop: int) -> None:
+        """Keep restarts ``[start, stop)`` of the R drawn ones (restarts over ranks); needs a restart dimension."""
+        if not self.has_restart_dimension:
+            raise ValueError(f"{type(self).__name__} has no restart dimension to split")
+        total = self.restarts
+        self.dummy_images = nn.Parameter(self.dummy_images.detach()[start:stop].clone())
+        self.restarts = stop - start
+        self.restart_span = (start, stop, total)
+
+    def reseed_unknowns(self, seed: int) -> None:
+        """Create the unknowns afresh from ``seed`` (one restart per process group for attacks without restarts)."""
+        self.create_unknowns(torch.Generator().manual_seed(int(seed)))
+        self.restart_span = None
 
     def read_threat_model(self, observation: GradientObservation) -> ThreatModel:
         """What the client computed and shared, read from the observation's metadata (absent keys: one FedSGD
@@ -263,15 +301,57 @@ class GradientInversionAttack(pl.LightningModule):
 
     # ------------------------------------------------------------------ subclass API
     def create_unknowns(self, generator: torch.Generator) -> None:
-        """Register the attacker's unknowns as parameters (default: the dummy images)."""
-        self.dummy_images = nn.Parameter(self.initial_images(generator))
+        """Register the attacker's unknowns as parameters (default: the dummy images, [N, C, H, W]; with
+        ``restarts > 1`` stacked as [R, N, C, H, W], restart r the r-th draw from ``generator``)."""
+        if self.restarts == 1 and not self.stack_restarts:
+            self.dummy_images = nn.Parameter(self.initial_images(generator))
+            return
+        self.dummy_images = nn.Parameter(torch.stack([self.initial_images(generator) for _ in range(self.restarts)]))
+
+    #: subclasses with a ``restarts`` argument keep the restart dimension even for R = 1 (their outputs and
+    #: checkpoints always have it); DLG/iDLG keep plain [N, ...] dummies.
+    stack_restarts = False
+
+    def restart_images(self) -> Tensor:
+        """The dummy images of every restart, ``[R, N, C, H, W]``, differentiable w.r.t. the unknowns (the core
+        evaluates, scores and keeps the best of each restart from this one view)."""
+        images = self.dummy_images
+        return images if images.dim() == len(self.inputs.image_shape) + 2 else images.unsqueeze(0)
+
+    def current_targets(self) -> Tensor:
+        """What the client's loss compares the victim's outputs with: labels ``[N]`` or soft targets ``[N, classes]``."""
+        return self.labels
+
+    def extra_terms(self) -> dict[str, Tensor]:
+        """Terms on the unknowns themselves (not on images) added to the loss, e.g. a latent penalty (default none)."""
+        return {}
 
     def dummy_batch(self) -> tuple[Tensor, Tensor]:
-        """(images in the victim's input space, labels: LongTensor [N] or soft targets [N, classes])."""
-        return self.dummy_images, self.labels
+        """(images of the leading restart in the victim's input space, targets): what monitors and checks see."""
+        images = self.restart_images()
+        current = images[0] if images.shape[0] == 1 else _pick(images, self.leading_restart())
+        return current, self.current_targets()
 
     def current_labels(self) -> Tensor:
         return self.labels
+
+    # ------------------------------------------------------------------ restart modes
+    def resolve_restart_mode(self, model: nn.Module, device: torch.device) -> bool:
+        """Whether this run evaluates its restarts as one vmapped computation (see ``restart_mode``): "vectorised"
+        (raises when the victim or priors cannot), "sequential", or "auto" (vectorised on CUDA for R > 1 when eligible)."""
+        from .vectorised import auto_vectorise, vectorisable
+
+        if self.restart_mode not in RESTART_MODES:
+            raise ValueError(f"restart_mode must be one of {RESTART_MODES}, got {self.restart_mode!r}")
+        single = self.threat_model.is_single_gradient
+        if self.restart_mode == "vectorised":
+            reason = vectorisable(model, list(self.priors)) if single else "vectorised restarts support one FedSGD gradient"
+            if reason is not None:
+                raise ValueError(reason)
+            return True
+        if self.restart_mode == "sequential" or not single:
+            return False
+        return auto_vectorise(device, self.restarts, model, list(self.priors))
 
     # ------------------------------------------------------------------ the objective
     def victim_gradients(self, images: Tensor, targets: Tensor) -> list[Tensor]:
@@ -293,8 +373,8 @@ class GradientInversionAttack(pl.LightningModule):
             self.shard.check_local_batch(images.shape[0], self.batch_size, self)
             if targets.shape[0] != images.shape[0]:
                 targets = targets[self.local_slice]  # full-batch labels, this rank's images
-        loss = cross_entropy(forward_keeping_buffers(self.victim, images), targets, reduction)
-        return self.reduce_gradients(list(torch.autograd.grad(loss, self._victim_params, create_graph=True)))
+        grads, _ = client_gradient(self.victim, images, targets, self._victim_params, create_graph=True, reduction=reduction)
+        return self.reduce_gradients(grads)
 
     def reduce_gradients(self, grads: list[Tensor]) -> list[Tensor]:
         """Hook between ``autograd.grad`` and the distance: identity in one process; batch-sharded, the
@@ -304,44 +384,41 @@ class GradientInversionAttack(pl.LightningModule):
         return self.shard.reduce_gradients(grads, float(self.batch_size) if self.loss_reduction == "mean" else 1.0)
 
     def matching_distance(self, dummy_gradients: Sequence[Tensor]) -> Tensor:
-        """The distance that is optimised: with the schedules' current ``gradient_weights`` and ``gradient_masks``.
+        """The distance that is optimised: :meth:`MatchingObjective.optimised` (with the schedules' current weights
+        and masks; the target-only parts prepared once per change)."""
+        return self.objective.optimised(dummy_gradients)
 
-        Distances that can precompute what depends only on the target (:func:`~lightning_gi.objectives.distances.
-        prepare_distance`: masked/flattened targets, target norms, float masks) are prepared once per schedule
-        change (a new weights or masks object, or new target gradients) and reused on every step."""
-        fn = self._prepared_matching()
-        if fn is not None:
-            return fn(dummy_gradients)
-        return self.distance(dummy_gradients, self._target_gradients, self.gradient_weights, self.gradient_masks)
+    @property
+    def distance(self) -> Callable[..., Any]:
+        """The gradient distance ``f(dummy, target, weights, masks)`` (held by :attr:`objective`)."""
+        return self.objective.distance
 
-    def _prepared_matching(self) -> Optional[Callable[[Sequence[Tensor]], Tensor]]:
-        key = (self.distance, self._target_gradients, self.gradient_weights, self.gradient_masks)
-        cached = self._prepared
-        if cached is not None and all(a is b for a, b in zip(cached[0], key)):
-            return cached[1]
-        fn = prepare_distance(self.distance, self._target_gradients, self.gradient_weights, self.gradient_masks)
-        self._prepared = (key, fn)
-        return fn
+    @property
+    def gradient_weights(self) -> Optional[list[float]]:
+        """Read-only view of :attr:`MatchingObjective.weights` (change it with ``objective.set_weights``)."""
+        return self.objective.weights
+
+    @property
+    def gradient_masks(self) -> Optional[list[Optional[Tensor]]]:
+        """Read-only view of :attr:`MatchingObjective.masks` (change it with ``objective.set_masks``)."""
+        return self.objective.masks
+
+    @property
+    def _target_gradients(self) -> list[Tensor]:  # kept for code written before the objective object
+        return self.objective.targets
 
     @property
     def scheduled(self) -> bool:
         """True when a schedule currently weights or masks the gradient tensors of the optimised distance."""
-        return self.gradient_weights is not None or self.gradient_masks is not None
+        return self.objective.scheduled
 
     def scoring_distance(self, dummy_gradients: Sequence[Tensor]) -> Tensor:
         """The distance that scores iterates and is reported: every tensor, no schedule weights, no masks (detached)."""
-        with torch.no_grad():
-            return self.distance([g.detach() for g in dummy_gradients], self._target_gradients, None, None)
+        return self.objective.score(dummy_gradients)
 
-    @contextmanager
-    def unscheduled(self) -> Iterator[None]:
+    def unscheduled(self) -> Any:
         """Within the block :meth:`matching_distance` ignores the schedules (restored afterwards)."""
-        saved = (self.gradient_weights, self.gradient_masks)
-        self.gradient_weights, self.gradient_masks = None, None
-        try:
-            yield
-        finally:
-            self.gradient_weights, self.gradient_masks = saved
+        return self.objective.unscheduled()
 
     def prior_terms(self, images: Tensor) -> dict[str, Tensor]:
         """Weighted prior values by name (priors with weight 0 are skipped, so schedules cost nothing)."""
@@ -374,7 +451,7 @@ class GradientInversionAttack(pl.LightningModule):
                 )
             leaf = images.detach().requires_grad_(True)
             loss, distance, terms, grads, grad_images = self._compiled_matching_step()(
-                leaf, targets, self._weight_tensor(), self.gradient_masks
+                leaf, targets, self.objective.weight_tensor(), self.objective.masks
             )
             loss = _WithGradient.apply(images, loss, grad_images)
         else:
@@ -395,7 +472,7 @@ class GradientInversionAttack(pl.LightningModule):
         """The step that ``compile=True`` compiles: victim forward -> autograd.grad(create_graph) -> distance
         (schedule weights as ONE tensor, so changing them does not recompile) -> weighted priors."""
         grads = self.victim_gradients(images, targets)
-        distance = self.distance(grads, self._target_gradients, list(weights.unbind(0)), masks)
+        distance = self.objective.optimised_with(grads, weights, masks)
         terms = self.prior_terms(images)
         loss = distance
         for value in terms.values():
@@ -411,25 +488,6 @@ class GradientInversionAttack(pl.LightningModule):
         return (loss.detach(), distance.detach(), {k: v.detach() for k, v in terms.items()},
                 [g.detach() for g in grads], grad_images)
 
-    def _weight_tensor(self) -> Tensor:
-        """The schedule's per-tensor weights as one tensor on the attack's device (ones without a schedule),
-        rebuilt only when the schedule assigns new weights."""
-        cached = getattr(self, "_weights_cache", None)
-        if cached is not None and cached[0] is self.gradient_weights:
-            return cached[1]
-        n = len(self._target_gradients)
-        device = self._target_gradients[0].device
-        dtype = torch.promote_types(self._target_gradients[0].dtype, torch.float32)
-        if self.gradient_weights is None:
-            w = torch.ones(n, dtype=dtype, device=device)
-        else:
-            values = [float(v) for v in self.gradient_weights]
-            if len(values) != n or any(not v >= 0 for v in values):
-                raise ValueError(f"gradient_weights must be {n} non-negative numbers, got {self.gradient_weights!r}")
-            w = torch.tensor(values, dtype=dtype, device=device)
-        self._weights_cache = (self.gradient_weights, w)
-        return w
-
     def _compiled_matching_step(self) -> Callable[..., Any]:
         if self._compiled_step is None:
             import torch._dynamo
@@ -439,11 +497,36 @@ class GradientInversionAttack(pl.LightningModule):
             self._compiled_step = torch.compile(self.compiled_matching_step)
         return self._compiled_step
 
-    def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        """(total loss, matching distance, dummy images, prior terms) at the current unknowns."""
-        images, targets = self.dummy_batch()
-        loss, distance, terms, _ = self.batch_objective(images, targets)
-        return loss, distance, images, terms
+    def evaluate(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """(total loss, scoring distances ``[R]``, images ``[R, N, ...]``, prior terms summed over restarts) at the
+        current unknowns: THE restart loop. The total is the sum of the per-restart losses; each restart's victim
+        gradient, distance and priors come from its own images alone, so ``d total / d x_r = d L_r / d x_r`` and
+        element-wise update rules give every restart the trajectory it would follow alone. With
+        :attr:`vectorised_restarts` the R restarts are one vmapped computation (:mod:`.vectorised`)."""
+        images = self.restart_images()
+        targets = self.current_targets()
+        if self.vectorised_restarts:
+            from .vectorised import vectorised_objective
+
+            total, distances, terms_sum = vectorised_objective(self, images, targets)
+        elif images.shape[0] == 1:
+            total, distance, terms_sum, _ = self.batch_objective(images[0], targets)
+            distances = distance.reshape(1)
+        else:
+            total = None
+            stacked = []
+            terms_sum = {}
+            for r in range(images.shape[0]):
+                loss, distance, terms, _ = self.batch_objective(images[r], targets)
+                total = loss if total is None else total + loss
+                stacked.append(distance)
+                for name, value in terms.items():
+                    terms_sum[name] = value if name not in terms_sum else terms_sum[name] + value
+            distances = torch.stack(stacked)
+        for name, value in self.extra_terms().items():
+            terms_sum[name] = value
+            total = total + value
+        return total, distances, images, terms_sum
 
     def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
         if not self.automatic_optimization and self.steps_per_call > 1:
@@ -452,17 +535,19 @@ class GradientInversionAttack(pl.LightningModule):
 
     def single_step(self) -> Tensor:
         """One evaluation of the objective (automatic optimisation: Lightning runs backward and the step)."""
-        loss, distance, images, terms = self.objective()
+        loss, distance, images, terms = self.evaluate()
         self.update_best(distance.detach(), images.detach())
         if self._should_log():
             self.log_step(distance.detach(), terms)
         return loss
 
     def log_step(self, distance: Tensor, terms: dict[str, Tensor]) -> None:
-        """What a logger step records (only called on the logger's steps, see :meth:`_should_log`)."""
-        self.log("matching_distance", distance.detach(), prog_bar=True)
+        """What a logger step records (only called on the logger's steps, see :meth:`_should_log`): the best
+        restart's distance and the prior terms per restart."""
+        r = distance.numel()
+        self.log("matching_distance", distance.detach().min() if r > 1 else distance.detach().reshape(()), prog_bar=True)
         for name, value in terms.items():
-            self.log(f"prior/{name}", value.detach())
+            self.log(f"prior/{name}", value.detach() / r if r > 1 else value.detach())
 
     def steps_this_call(self) -> int:
         """Optimiser steps the next :meth:`multi_step` runs: ``steps_per_call``, fewer at the end of the budget."""
@@ -493,7 +578,7 @@ class GradientInversionAttack(pl.LightningModule):
         loss = None
         for i in range(k):
             raw.zero_grad(set_to_none=True)
-            loss, distance, images, terms = self.objective()
+            loss, distance, images, terms = self.evaluate()
             self.update_best(distance.detach(), images.detach())
             if log and i == 0:
                 self.log_step(distance.detach(), terms)
@@ -519,7 +604,7 @@ class GradientInversionAttack(pl.LightningModule):
 
         def closure() -> Tensor:
             raw.zero_grad(set_to_none=True)
-            loss, distance, images, terms = self.objective()
+            loss, distance, images, terms = self.evaluate()
             self.update_best(distance.detach(), images.detach())
             if not logged[0]:
                 self.log_step(distance.detach(), terms)
@@ -600,27 +685,71 @@ class GradientInversionAttack(pl.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ------------------------------------------------------------------ best iterate and outputs
+    # ------------------------------------------------------------------ best iterate and outputs (the core)
     def best_state(self) -> dict[str, Tensor]:
-        """Extra tensors that belong to the best iterate (e.g. DLG's label logits)."""
+        """Extra tensors that belong to the best iterate (e.g. DLG's label logits), kept in ``best_<name>``
+        buffers; with R > 1 their leading dimension is the restart."""
         return {}
 
+    def init_best(self) -> None:
+        """Per-restart best iterates (``restart_best_loss [R]``, ``restart_best_images [R, N, ...]``) and the
+        leading restart's (``best_loss``, ``best_images``), on the unknowns' device."""
+        with torch.no_grad():
+            images = self.restart_images().detach()
+        r = images.shape[0]
+        self.register_buffer("restart_best_loss", torch.full((r,), math.inf, device=images.device))
+        self.register_buffer("restart_best_images", images.clone())
+        self.register_buffer("best_loss", torch.tensor(math.inf, device=images.device))
+        self.register_buffer("best_images", images[0].clone())
+
+    def reset_best(self) -> None:
+        """Restart best tracking (``objective.reset_best()`` calls this): the next scored iterate is kept."""
+        for name in ("best_loss", "restart_best_loss"):
+            best = getattr(self, name, None)
+            if isinstance(best, Tensor):
+                with torch.no_grad():
+                    best.fill_(math.inf)
+
+    def leading_restart(self) -> Tensor:
+        """Index (0-d tensor, no host sync) of the restart with the lowest kept matching distance."""
+        return torch.argmin(self.restart_best_loss)
+
     def update_best(self, distance: Tensor, images: Tensor) -> None:
-        """Keep the iterate with the lowest matching distance (NaN never wins); no host sync."""
-        better = distance < self.best_loss
-        self.best_loss = torch.where(better, distance, self.best_loss)
-        self.best_images = torch.where(better, images, self.best_images)
+        """Per restart, keep the iterate with the lowest scoring distance (NaN never wins); no host sync.
+        ``distance [R]`` and ``images [R, N, ...]`` (a 0-d distance and ``[N, ...]`` images for R = 1)."""
+        if distance.dim() == 0:
+            distance, images = distance.reshape(1), images.unsqueeze(0)
+        better = distance < self.restart_best_loss
+        self.restart_best_loss = torch.where(better, distance, self.restart_best_loss)
+        r = distance.shape[0]
+        cond = better.reshape(()) if r == 1 else better.view(-1, *([1] * (images.dim() - 1)))
+        self.restart_best_images = torch.where(cond, images, self.restart_best_images)
         for name, value in self.best_state().items():
             buf = getattr(self, f"best_{name}")
-            setattr(self, f"best_{name}", torch.where(better, value.detach(), buf))
+            c = cond if r == 1 else better.view(-1, *([1] * (value.dim() - 1)))
+            setattr(self, f"best_{name}", torch.where(c, value.detach(), buf))
+        if r == 1:  # views: no kernel
+            self.best_loss = self.restart_best_loss.squeeze(0)
+            self.best_images = self.restart_best_images.squeeze(0)
+        else:
+            leader = self.leading_restart()
+            self.best_loss = _pick(self.restart_best_loss, leader)
+            self.best_images = _pick(self.restart_best_images, leader)
+
+    def final_distances(self, images: Tensor, targets: Tensor) -> Tensor:
+        """Scoring distances ``[R]`` of ``images [R, N, ...]`` (no graph kept beyond the victim gradients)."""
+        if self.vectorised_restarts:
+            from .vectorised import vectorised_final_distances
+
+            return vectorised_final_distances(self, images, targets)
+        return torch.stack([self.scoring_distance(self.victim_gradients(images[r], targets)) for r in range(images.shape[0])])
 
     def evaluate_final_iterate(self) -> None:
         """The optimiser's last step is never evaluated inside training_step: score it once (scoring distance)."""
         with torch.inference_mode(False), torch.enable_grad():
-            images, targets = self.dummy_batch()
-            grads = self.victim_gradients(images, targets)
-            distance = self.scoring_distance(grads)
-        self.update_best(distance, images.detach())
+            images = self.restart_images()
+            distances = self.final_distances(images, self.current_targets())
+        self.update_best(distances.detach(), images.detach())
 
     def on_train_epoch_end(self) -> None:
         """Score the last iterate when the loop stops (max_steps ends the one endless epoch), before the
@@ -644,10 +773,17 @@ class GradientInversionAttack(pl.LightningModule):
 
     @torch.no_grad()
     def reconstruction(self) -> dict[str, Any]:
-        """The best iterate in [0,1] image space with its labels (what the attack outputs)."""
+        """The best iterate of the winning restart in [0,1] image space with its labels, every restart's kept
+        distance and, for R > 1, every restart's kept images (what the attack outputs)."""
         images = self.inputs.to_image_space(self.best_images).clamp(0, 1)
-        return {
+        out: dict[str, Any] = {
             "images": images.detach().cpu().float(),
             "labels": self.best_labels().detach().cpu().long(),
             "matching_distance": float(self.best_loss),
         }
+        if self.has_restart_dimension:
+            out["best_restart"] = int(self.leading_restart())
+            out["restart_losses"] = [float(v) for v in self.restart_best_loss]
+            if self.restart_best_images.shape[0] > 1:
+                out["restart_images"] = self.inputs.to_image_space(self.restart_best_images).clamp(0, 1).detach().cpu().float()
+        return out

@@ -42,8 +42,8 @@ class DLG(GradientInversionAttack):
         self.dummy_label_logits = nn.Parameter(logits)
         self.register_buffer("best_label_logits", logits.clone())
 
-    def dummy_batch(self) -> tuple[Tensor, Tensor]:
-        return self.dummy_images, torch.softmax(self.dummy_label_logits, dim=-1)
+    def current_targets(self) -> Tensor:
+        return torch.softmax(self.dummy_label_logits, dim=-1)
 
     def best_state(self) -> dict[str, Tensor]:
         return {"label_logits": self.dummy_label_logits}

@@ -207,16 +207,10 @@ class GIAS(GradientInversionAttack):
             self.synthesis_copies = nn.ModuleList()
 
     def bind(self, inputs: Any, device: Optional[torch.device] = None) -> "GIAS":
-        super().bind(inputs, device=device)
+        super().bind(inputs, device=device)  # the core's per-restart best state: restart_best_loss [R], ...
         dev = self.latents.device
-        shape = (self.restarts, self.batch_size, *self.inputs.image_shape)
-        self.register_buffer("restart_best_loss", torch.full((self.restarts,), math.inf, device=dev))
-        # index of the latent iterate each restart's best comes from (k: the latents before the k-th update)
-        self.register_buffer("restart_best_step", torch.full((self.restarts,), -1, dtype=torch.long, device=dev))
-        self.register_buffer("restart_best_images", torch.zeros(shape, device=dev))
         self.register_buffer("latent_phase_best_loss", torch.tensor(math.inf, device=dev))
-        self.register_buffer("latent_phase_images", torch.zeros(shape[1:], device=dev))
-        self.register_buffer("best_images", torch.zeros(shape[1:], device=dev))
+        self.register_buffer("latent_phase_images", self.best_images.detach().clone())
         if self.keep_best_generator:  # buffers: they follow the module's device and are checkpointed
             params = list(self.synthesis_copies.parameters())
             for i, p in enumerate(params):
@@ -249,8 +243,11 @@ class GIAS(GradientInversionAttack):
         raws = [net(self.fixed_input[i : i + 1]) for i, net in enumerate(self.synthesis_copies)]
         return self.output_map(torch.cat(raws))
 
-    def leading_restart(self) -> Tensor:
-        return torch.argmin(self.restart_best_loss)
+    def restart_images(self) -> Tensor:
+        """Latent phase: every restart's images ``[R, N, ...]``; parameter phase: the copies' images ``[1, N, ...]``."""
+        if self.phase == "parameter":
+            return self.parameter_images().unsqueeze(0)
+        return self.latent_images()
 
     def dummy_batch(self) -> tuple[Tensor, Tensor]:
         if self.phase == "parameter" and self._switched:
@@ -258,32 +255,11 @@ class GIAS(GradientInversionAttack):
         lead = self.leading_restart()
         return self.latent_images(self.latents[lead].unsqueeze(0))[0], self.labels
 
-    # ------------------------------------------------------------------ objective
-    def restart_objective(self, images: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        loss, distance, terms, _ = self.batch_objective(images, self.labels)
-        return loss, distance, terms
-
-    def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        """Phase "latent": (sum over restarts, distances [R], images [R, N, ...], terms); phase "parameter":
-        (loss, distance, images [N, ...], terms)."""
-        if self.phase == "parameter":
-            images = self.parameter_images()
-            loss, distance, terms = self.restart_objective(images)
-            return loss, distance, images, terms
-        images = self.latent_images()
-        total: Optional[Tensor] = None
-        distances, terms_sum = [], {}
-        for r in range(self.restarts):
-            loss, distance, terms = self.restart_objective(images[r])
-            total = loss if total is None else total + loss
-            distances.append(distance)
-            for k, v in terms.items():
-                terms_sum[k] = v if k not in terms_sum else terms_sum[k] + v
-        if self.latent_l2 > 0:
-            l2 = self.latent_l2 * self.latents.pow(2).flatten(2).mean(-1).mean(-1).sum()
-            terms_sum["latent_l2"] = l2
-            total = total + l2
-        return total, torch.stack(distances), images, terms_sum
+    def extra_terms(self) -> dict[str, Tensor]:
+        """The latent penalty ``latent_l2 * mean(latent^2)`` per restart, summed (latent phase only)."""
+        if self.phase == "latent" and self.latent_l2 > 0:
+            return {"latent_l2": self.latent_l2 * self.latents.pow(2).flatten(2).mean(-1).mean(-1).sum()}
+        return {}
 
     # ------------------------------------------------------------------ schedule
     def configure_optimizers(self) -> Any:
@@ -340,10 +316,10 @@ class GIAS(GradientInversionAttack):
         idx = 0 if self.phase == "latent" else 1
         opt, sched = optimizers[idx], schedulers[idx]
         opt.zero_grad()
-        loss, distance, images, terms = self.objective()
+        loss, distance, images, terms = self.evaluate()
         self.manual_backward(loss)
         # record the iterate these values belong to BEFORE the step moves the latents / copies
-        self.update_phase_best(distance.detach(), images.detach(), step=self.step_count)
+        self.update_best(distance.detach(), images.detach())
         opt.step()
         sched.step()
         self.step_count += 1
@@ -360,25 +336,30 @@ class GIAS(GradientInversionAttack):
             warnings.warn(f"trainer.max_steps={max_steps} < latent_steps + param_steps = {self.total_steps}: the GIAS schedule is truncated")
 
     # ------------------------------------------------------------------ best iterate
-    def update_phase_best(self, distance: Tensor, images: Tensor, step: int = -1) -> None:
-        """Keep the best iterate; ``distance`` and ``images`` must come from the CURRENT unknowns (call it
-        before the optimiser step), so that latents / copies, images and distance are one point."""
+    def best_state(self) -> dict[str, Tensor]:
+        """Latent phase: each restart's latents and the step they come from (kept with its best iterate)."""
+        return {"latents": self.latents, "step": torch.full((self.restarts,), self.step_count, device=self.latents.device)}
+
+    def init_best(self) -> None:
+        super().init_best()
+        self.register_buffer("best_latents", self.latents.detach().clone())
+        self.register_buffer("best_step", torch.full((self.restarts,), -1, dtype=torch.long, device=self.latents.device))
+
+    def update_best(self, distance: Tensor, images: Tensor) -> None:
+        """Keep the best iterate; ``distance`` and ``images`` must come from the CURRENT unknowns (call it before
+        the optimiser step), so that latents / copies, images and distance are one point. Latent phase: the core's
+        per-restart rule; parameter phase: one batch, continuing from the latent phase's best."""
         if self.phase == "latent":
-            better = distance < self.restart_best_loss
-            self.restart_best_loss = torch.where(better, distance, self.restart_best_loss)
-            self.restart_best_step = torch.where(better, torch.full_like(self.restart_best_step, step), self.restart_best_step)
-            view = better.view(-1, *([1] * (images.dim() - 1)))
-            self.restart_best_images = torch.where(view, images, self.restart_best_images)
-            self.best_latents = torch.where(better.view(-1, *([1] * (self.latents.dim() - 1))), self.latents.detach(), self.best_latents)
-            lead = torch.argmin(self.restart_best_loss)
-            self.update_best(self.restart_best_loss[lead], self.restart_best_images[lead])
-        else:
-            better = distance < self.best_loss
-            self.update_best(distance, images)
-            if self._best_copy_params:
-                with torch.no_grad():
-                    for buf, p in zip(self._best_copy_params, self.synthesis_copies.parameters()):
-                        buf.copy_(torch.where(better, p.detach(), buf))
+            super().update_best(distance, images)
+            return
+        distance, images = distance.reshape(()), images.reshape(images.shape[-4:])
+        better = distance < self.best_loss
+        self.best_loss = torch.where(better, distance, self.best_loss)
+        self.best_images = torch.where(better, images, self.best_images)
+        if self._best_copy_params:
+            with torch.no_grad():
+                for buf, p in zip(self._best_copy_params, self.synthesis_copies.parameters()):
+                    buf.copy_(torch.where(better, p.detach(), buf))
 
     @torch.no_grad()
     def best_synthesis_copies(self) -> nn.ModuleList:
@@ -391,15 +372,7 @@ class GIAS(GradientInversionAttack):
         return copies
 
     def evaluate_final_iterate(self) -> None:
-        with torch.inference_mode(False), torch.enable_grad():
-            if self.phase == "parameter":
-                images = self.parameter_images()
-                d = self.matching_distance([g.detach() for g in self.victim_gradients(images, self.labels)]).detach()
-            else:
-                imgs = self.latent_images()
-                d = torch.stack([self.matching_distance([g.detach() for g in self.victim_gradients(imgs[r], self.labels)]).detach() for r in range(self.restarts)])
-                images = imgs
-        self.update_phase_best(d, images.detach(), step=self.step_count)
+        super().evaluate_final_iterate()
         if self.phase == "latent":
             lead = self.leading_restart()
             self.latent_phase_best_loss.copy_(self.restart_best_loss[lead])
@@ -425,7 +398,7 @@ class GIAS(GradientInversionAttack):
                 "latent_phase_matching_distance": float(self.latent_phase_best_loss),
                 "latent_phase_images": to_img(self.latent_phase_images).clamp(0, 1).detach().cpu().float(),
                 "restart_losses": [float(v) for v in self.restart_best_loss],
-                "latent_phase_best_step": int(self.restart_best_step[self.leading_restart()]),
+                "latent_phase_best_step": int(self.best_step[self.leading_restart()]),
                 "best_restart": int(self.leading_restart()),
                 "latents": self.best_latents[self.leading_restart()].detach().cpu(),
             }

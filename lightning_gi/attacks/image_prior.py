@@ -55,7 +55,8 @@ from torch import Tensor, nn
 
 from ..labels import IDLGLabels, LabelStrategy
 from ..objectives.distances import CosineDistance, GradientDistance
-from .base import GradientInversionAttack
+from .base import RESTART_MODES, GradientInversionAttack, RestartMode
+from .vectorised import auto_vectorise, vectorisable  # noqa: F401,E402 (re-exported)
 
 # ``Callable[..., Any]``, not ``Callable[..., Tensor]``: with a class as return type jsonargparse reads a
 # ``class_path`` as "a subclass of Tensor"; with ``Any`` it accepts a distance class (``class_path:
@@ -65,24 +66,6 @@ DistanceFn = GradientDistance  # configs may name a distance class only, not any
 __all__ = ["ImagePriorAttack", "DistanceFn", "milestones_from_fractions", "box_bounds", "INVERTING_GRADIENTS_MILESTONES"]
 
 INVERTING_GRADIENTS_MILESTONES = (3 / 8, 5 / 8, 7 / 8)
-RESTART_MODES = ("auto", "sequential", "vectorised")
-
-
-def vectorisable(model: nn.Module, priors: Sequence[nn.Module]) -> Optional[str]:
-    """None when R restarts of ``model`` with ``priors`` can be vmapped, else the reason they cannot."""
-    from ..objectives.priors import BNStatisticsPrior
-
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
-        return "vectorised restarts need the victim in eval mode (BatchNorm in train mode found)"
-    if any(isinstance(p, BNStatisticsPrior) for p in priors):
-        return ("vectorised restarts do not support BNStatisticsPrior (its hooks cannot see one restart at a "
-                "time under vmap): use the sequential ImagePriorAttack / GradInversion")
-    return None
-
-
-def auto_vectorise(device: torch.device, restarts: int, model: nn.Module, priors: Sequence[nn.Module]) -> bool:
-    """The automatic restart mode: vectorised only on CUDA, for R > 1, when the victim and priors allow it."""
-    return torch.device(device).type == "cuda" and restarts > 1 and vectorisable(model, priors) is None
 
 
 def _default_adam(params: Any) -> torch.optim.Optimizer:
@@ -103,11 +86,6 @@ def milestones_from_fractions(fractions: Sequence[float], total_steps: int) -> l
     if out != sorted(out):
         raise ValueError(f"milestone fractions must be increasing, got {list(fractions)}")
     return out
-
-
-def _pick(stacked: Tensor, index: Tensor) -> Tensor:
-    """``stacked[index]`` for a 0-d index tensor without a host sync (plain indexing calls ``.item()``)."""
-    return stacked.index_select(0, index.reshape(1)).squeeze(0)
 
 
 def box_bounds(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,7 +135,7 @@ class ImagePriorAttack(GradientInversionAttack):
         restarts: int = 1,
         init: str = "randn",
         seed: int = 0,
-        restart_mode: Literal["auto", "sequential", "vectorised"] = "auto",
+        restart_mode: RestartMode = "auto",
         steps_per_call: int = 1,
         compile: bool = False,
     ) -> None:
@@ -174,7 +152,6 @@ class ImagePriorAttack(GradientInversionAttack):
         if restart_mode not in RESTART_MODES:
             raise ValueError(f"restart_mode must be one of {RESTART_MODES}, got {restart_mode!r}")
         self.restart_mode = restart_mode
-        self.vectorised_restarts = False  # resolved in bind() (resolve_restart_mode)
         if restarts < 1:
             raise ValueError(f"restarts must be >= 1, got {restarts}")
         if milestone_fractions is not None and lr_scheduler is not None:
@@ -193,73 +170,16 @@ class ImagePriorAttack(GradientInversionAttack):
                 raise TypeError(f"a prior must be an nn.Module with a 'weight' attribute, got {prior!r}")
             self.priors.append(prior)
 
-    # ------------------------------------------------------------------ unknowns and restarts
-    def create_unknowns(self, generator: torch.Generator) -> None:
-        inits = [self.initial_images(generator) for _ in range(self.restarts)]
-        self.dummy_images = nn.Parameter(torch.stack(inits))  # [R, N, C, H, W]
-
-    def resolve_restart_mode(self, model: nn.Module, device: torch.device) -> bool:
-        """Whether this run vectorises its restarts (see ``restart_mode``); raises when "vectorised" cannot work."""
-        if self.restart_mode == "vectorised":
-            reason = vectorisable(model, list(self.priors))
-            if reason is not None:
-                raise ValueError(reason)
-            return True
-        if self.restart_mode == "sequential":
-            return False
-        return auto_vectorise(device, self.restarts, model, list(self.priors))
+    # ------------------------------------------------------------------ restarts (the core keeps [R, N, ...])
+    stack_restarts = True
 
     def bind(self, inputs: Any, device: Optional[torch.device] = None) -> "ImagePriorAttack":
-        dev0 = torch.device("cpu") if device is None else torch.device(device)
-        self.vectorised_restarts = self.resolve_restart_mode(inputs.model, dev0)
         super().bind(inputs, device=device)
         dev = self.dummy_images.device
-        # per-restart best iterates; the base class's ``best_loss`` / ``best_images`` keep their meaning
-        # (the overall best: the leading restart's kept iterate) for callbacks that read them
-        self.register_buffer("restart_best_loss", torch.full((self.restarts,), float("inf"), device=dev))
-        self.register_buffer("restart_best_images", self.dummy_images.detach().clone())
-        self.register_buffer("best_images", self.dummy_images.detach()[0].clone())
         low, high = box_bounds(self.inputs.mean.to(dev), self.inputs.std.to(dev))
         self.register_buffer("box_low", low, persistent=False)
         self.register_buffer("box_high", high, persistent=False)
         return self
-
-    def leading_restart(self) -> Tensor:
-        """Index (0-d tensor, no host sync) of the restart with the lowest kept matching distance."""
-        return torch.argmin(self.restart_best_loss)
-
-    def dummy_batch(self) -> tuple[Tensor, Tensor]:
-        """The current images of the leading restart (what monitors show) and the labels."""
-        return _pick(self.dummy_images, self.leading_restart()), self.labels
-
-    # ------------------------------------------------------------------ the objective
-    def restart_objective(self, images: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(loss, matching distance, prior terms) of ONE restart's batch ``images`` [N, C, H, W]."""
-        loss, distance, terms, _ = self.batch_objective(images, self.labels)
-        return loss, distance, terms
-
-    def objective(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        """(sum of the per-restart losses, matching distances [R], images [R, N, C, H, W], prior terms
-        summed over restarts). Each restart is evaluated on its own (module docs, "Restarts")."""
-        if self.vectorised_restarts:
-            from .vectorised import vectorised_objective
-
-            return vectorised_objective(self)
-        total: Optional[Tensor] = None
-        distances = []
-        terms_sum: dict[str, Tensor] = {}
-        for r in range(self.restarts):
-            loss, distance, terms = self.restart_objective(self.dummy_images[r])
-            total = loss if total is None else total + loss
-            distances.append(distance)
-            for name, value in terms.items():
-                terms_sum[name] = value if name not in terms_sum else terms_sum[name] + value
-        return total, torch.stack(distances), self.dummy_images, terms_sum
-
-    def log_step(self, distance: Tensor, terms: dict[str, Tensor]) -> None:
-        self.log("matching_distance", distance.detach().min(), prog_bar=True)
-        for name, value in terms.items():
-            self.log(f"prior/{name}", value.detach() / self.restarts)
 
     # ------------------------------------------------------------------ update rules
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -285,44 +205,3 @@ class ImagePriorAttack(GradientInversionAttack):
         milestones = milestones_from_fractions(self.milestone_fractions, max_steps)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=self.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # ------------------------------------------------------------------ best iterate and outputs
-    def update_best(self, distance: Tensor, images: Tensor) -> None:
-        """Per restart: keep the iterate with the lowest matching distance (NaN never wins); no host sync."""
-        better = distance < self.restart_best_loss
-        self.restart_best_loss = torch.where(better, distance, self.restart_best_loss)
-        self.restart_best_images = torch.where(
-            better.view(-1, *([1] * (images.dim() - 1))), images, self.restart_best_images
-        )
-        leader = self.leading_restart()
-        self.best_loss = _pick(self.restart_best_loss, leader)
-        self.best_images = _pick(self.restart_best_images, leader)
-
-    def evaluate_final_iterate(self) -> None:
-        if self.vectorised_restarts:
-            from .vectorised import vectorised_final_distances
-
-            self.update_best(vectorised_final_distances(self), self.dummy_images.detach())
-            return
-        with torch.inference_mode(False), torch.enable_grad():
-            distances = []
-            for r in range(self.restarts):
-                grads = self.victim_gradients(self.dummy_images[r], self.labels)
-                distances.append(self.scoring_distance(grads))
-        self.update_best(torch.stack(distances), self.dummy_images.detach())
-
-    @torch.no_grad()
-    def reconstruction(self) -> dict[str, Any]:
-        """The winning restart's best iterate in [0, 1] image space, its labels, and every restart's loss."""
-        winner = int(self.leading_restart())
-        images = self.inputs.to_image_space(self.restart_best_images[winner]).clamp(0, 1)
-        out: dict[str, Any] = {
-            "images": images.detach().cpu().float(),
-            "labels": self.best_labels().detach().cpu().long(),
-            "matching_distance": float(self.restart_best_loss[winner]),
-            "best_restart": winner,
-            "restart_losses": [float(v) for v in self.restart_best_loss],
-        }
-        if self.restarts > 1:
-            out["restart_images"] = self.inputs.to_image_space(self.restart_best_images).clamp(0, 1).detach().cpu().float()
-        return out

@@ -1,6 +1,6 @@
 """Vectorised restarts: R restarts of a small victim evaluated as ONE batched computation.
 
-:class:`~lightning_gi.attacks.ImagePriorAttack` evaluates its R restarts one after the other (R victim
+:meth:`GradientInversionAttack.evaluate` (the restart-aware core) evaluates R restarts one after the other (R victim
 forwards, R ``autograd.grad`` calls, R graphs). For small victims (the sigmoid LeNet, CIFAR-size ResNets) and
 many-restart recipes that is dominated by per-call overhead. Here the R restarts run together:
 
@@ -12,7 +12,9 @@ many-restart recipes that is dominated by per-call overhead. Here the R restarts
   gradient, and differentiating ``sum_r D_r`` with respect to ``x`` gives each restart its own gradient;
 * the distances are vmapped over restarts too (a loop when a distance cannot be vmapped), priors loop.
 
-Same objective, same trajectories as the sequential restarts (``tests/test_distributed.py`` checks losses and
+This is an option of the core (``restart_mode: vectorised``, or ``auto`` on CUDA), not a subclass: the core calls
+:func:`vectorised_objective` and :func:`vectorised_final_distances`. Same objective, same trajectories as the
+sequential restarts (``tests/test_distributed.py`` checks losses and
 iterates), same best-iterate/winner logic. Composes with batch sharding (``gi_shard``: the stacked gradients
 are all-reduced by the same hook) and with restarts over ranks (each rank vectorises its own restarts).
 
@@ -22,20 +24,33 @@ use the sequential :class:`ImagePriorAttack` for those. Memory grows with R like
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..objectives.priors import BNStatisticsPrior
-from .image_prior import ImagePriorAttack
-from .inverting import InvertingGradients
-
 __all__ = [
-    "VectorisedRestartsMixin", "VectorisedRestartsAttack", "VectorisedInvertingGradients", "restart_gradients",
+    "VectorisedRestartsAttack", "VectorisedInvertingGradients", "restart_gradients", "vectorisable", "auto_vectorise",
     "vectorised_objective", "vectorised_final_distances",
 ]
+
+
+def vectorisable(model: nn.Module, priors: Sequence[nn.Module]) -> Optional[str]:
+    """None when R restarts of ``model`` with ``priors`` can be vmapped, else the reason they cannot."""
+    from ..objectives.priors import BNStatisticsPrior
+
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+        return "vectorised restarts need the victim in eval mode (BatchNorm in train mode found)"
+    if any(isinstance(p, BNStatisticsPrior) for p in priors):
+        return ("vectorised restarts do not support BNStatisticsPrior (its hooks cannot see one restart at a "
+                "time under vmap): use restart_mode: sequential")
+    return None
+
+
+def auto_vectorise(device: torch.device, restarts: int, model: nn.Module, priors: Sequence[nn.Module]) -> bool:
+    """The automatic restart mode: vectorised only on CUDA, for R > 1, when the victim and priors allow it."""
+    return torch.device(device).type == "cuda" and restarts > 1 and vectorisable(model, priors) is None
 
 
 def restart_gradients(
@@ -63,9 +78,12 @@ def restart_gradients(
     return list(torch.autograd.grad(loss, stacked, create_graph=True))
 
 
-def stacked_victim_gradients(attack: Any, images: Tensor) -> list[Tensor]:
+def stacked_victim_gradients(attack: Any, images: Tensor, targets: Tensor) -> list[Tensor]:
     """``[R, ...]`` gradient per victim parameter for ``images [R, n, C, H, W]`` (reduced over shards)."""
-    targets = attack.labels
+    if not attack.threat_model.is_single_gradient:
+        raise ValueError("vectorised restarts support one FedSGD gradient: use restart_mode: sequential for this observation")
+    if targets.dim() != 1:
+        raise ValueError("vectorised restarts need hard labels (not optimised soft labels): use restart_mode: sequential")
     if attack.batch_sharded and targets.shape[0] != images.shape[1]:
         targets = targets[attack.local_slice]
     reduction = "sum" if attack.batch_sharded else attack.loss_reduction
@@ -76,7 +94,7 @@ def stacked_victim_gradients(attack: Any, images: Tensor) -> list[Tensor]:
 def restart_distances(attack: Any, grads: list[Tensor]) -> Tensor:
     """Matching distance of every restart, ``[R]`` (vmapped; a loop if the distance cannot be vmapped)."""
     match = attack.matching_distance
-    state = getattr(attack, "_vmap_distance", None)
+    state = attack._vmap_distance
     if state is not False:
         try:
             out = vmap(lambda *g: match(list(g)))(*grads)
@@ -89,10 +107,10 @@ def restart_distances(attack: Any, grads: list[Tensor]) -> Tensor:
     return torch.stack([match([g[r] for g in grads]) for r in range(grads[0].shape[0])])
 
 
-def vectorised_objective(attack: Any) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-    """:meth:`ImagePriorAttack.objective` with the R restarts as one batched computation (module docs)."""
-    images = attack.dummy_images
-    grads = stacked_victim_gradients(attack, images)
+def vectorised_objective(attack: Any, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """(sum of the R restarts' losses, scoring distances [R], prior terms summed over restarts) as one batched
+    computation: what :meth:`GradientInversionAttack.evaluate` runs when ``vectorised_restarts``."""
+    grads = stacked_victim_gradients(attack, images, targets)
     distances = restart_distances(attack, grads)
     total = distances.sum()
     if attack.scheduled:  # score iterates unmasked, all tensors (base class docs)
@@ -104,48 +122,20 @@ def vectorised_objective(attack: Any) -> tuple[Tensor, Tensor, Tensor, dict[str,
             terms_sum[name] = value if name not in terms_sum else terms_sum[name] + value
     for value in terms_sum.values():
         total = total + value
-    return total, distances, images, terms_sum
+    return total, distances, terms_sum
 
 
-def vectorised_final_distances(attack: Any) -> Tensor:
-    """Scoring distances ``[R]`` of the current iterates (no schedules), for the final evaluation."""
-    with torch.inference_mode(False), torch.enable_grad():
-        grads = stacked_victim_gradients(attack, attack.dummy_images)
-        with attack.unscheduled():
-            return restart_distances(attack, [g.detach() for g in grads]).detach()
+def vectorised_final_distances(attack: Any, images: Tensor, targets: Tensor) -> Tensor:
+    """Scoring distances ``[R]`` of ``images`` (no schedules), for the final evaluation."""
+    grads = stacked_victim_gradients(attack, images, targets)
+    with attack.unscheduled():
+        return restart_distances(attack, [g.detach() for g in grads]).detach()
 
 
-class VectorisedRestartsMixin:
-    """Forces ``restart_mode="vectorised"`` on an :class:`ImagePriorAttack` (module docs); ``restart_mode="auto"``
-    on the plain class makes the same choice per device."""
+def __getattr__(name: str) -> Any:
+    # the named vectorised recipes live with the other recipes (inverting.py); imported lazily, no import cycle
+    if name in ("VectorisedRestartsAttack", "VectorisedInvertingGradients"):
+        from . import inverting
 
-    _vmap_distance: Optional[bool] = None
-
-    def _check_vectorisable(self) -> None:
-        for prior in self.priors:  # type: ignore[attr-defined]
-            if isinstance(prior, BNStatisticsPrior):
-                raise ValueError(
-                    "vectorised restarts do not support BNStatisticsPrior (its hooks cannot see one restart at a "
-                    "time under vmap): use the sequential ImagePriorAttack / GradInversion"
-                )
-
-    def bind(self, inputs: Any, device: Optional[torch.device] = None) -> Any:
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in inputs.model.modules()):
-            raise ValueError("vectorised restarts need the victim in eval mode (BatchNorm in train mode found)")
-        self._check_vectorisable()
-        self.restart_mode = "vectorised"
-        return super().bind(inputs, device=device)  # type: ignore[misc]
-
-    def stacked_victim_gradients(self, images: Tensor) -> list[Tensor]:
-        return stacked_victim_gradients(self, images)
-
-    def restart_distances(self, grads: list[Tensor]) -> Tensor:
-        return restart_distances(self, grads)
-
-
-class VectorisedRestartsAttack(VectorisedRestartsMixin, ImagePriorAttack):
-    """:class:`ImagePriorAttack` (same arguments) with its restarts evaluated as one batched computation."""
-
-
-class VectorisedInvertingGradients(VectorisedRestartsMixin, InvertingGradients):
-    """:class:`InvertingGradients` (same arguments and defaults) with vectorised restarts."""
+        return getattr(inverting, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,14 +1,16 @@
 """Loss schedules as Lightning callbacks (Ye et al., AAAI 2024, Stage II), for ANY attack.
 
-An attack (:class:`~lightning_gi.attacks.base.GradientInversionAttack`) hands its distance two attributes
-that these callbacks set before every training step (``on_train_batch_start``, so they act through the
-Trainer, with optimiser step ``trainer.global_step`` = 0, 1, ...):
+An attack (:class:`~lightning_gi.attacks.base.GradientInversionAttack`) owns a public matching objective,
+``pl_module.objective`` (:class:`~lightning_gi.objectives.matching.MatchingObjective`). These callbacks change it
+only through its methods, before every training step (``on_train_batch_start``, so they act through the Trainer,
+with optimiser step ``trainer.global_step`` = 0, 1, ...):
 
-* ``pl_module.gradient_weights``: one weight per gradient tensor (``model.parameters()`` order); 0 removes
+* ``objective.set_weights(...)``: one weight per gradient tensor (``model.parameters()`` order); 0 removes
   the tensor from the distance. :class:`StepwiseGradientSchedule` introduces tensors deep -> shallow.
-* ``pl_module.gradient_masks``: one 0/1 mask per tensor (or None); the distance multiplies BOTH gradients
+* ``objective.set_masks(...)``: one 0/1 mask per tensor (or None); the distance multiplies BOTH gradients
   by it (dot product and both norms for cosine). :class:`GradientDropout` draws fresh masks every step.
-* the priors' ``weight`` (``pl_module.priors``): :class:`PriorSchedule` switches them on at given steps.
+* ``objective.set_prior_weight(i, w)``: :class:`PriorSchedule` switches priors on at given steps.
+* ``objective.reset_best()``: the matched set changed, the attack restarts its best-iterate tracking.
 
 Weights and masks shape only the distance that is *optimised*. The attack scores iterates (best-iterate
 tracking, the final iterate) and reports ``matching_distance`` with its scoring distance: every tensor, no
@@ -33,11 +35,12 @@ from torch import Tensor
 __all__ = ["StepwiseGradientSchedule", "GradientDropout", "PriorSchedule", "PriorSwitch", "stepwise_start_index"]
 
 
-def _num_tensors(pl_module: pl.LightningModule) -> int:
-    targets = getattr(pl_module, "_target_gradients", None)
-    if targets:
-        return len(targets)
-    return len(pl_module.observation.gradients)
+def _objective(pl_module: pl.LightningModule) -> Any:
+    """The attack's public :class:`~lightning_gi.objectives.matching.MatchingObjective`."""
+    objective = getattr(pl_module, "objective", None)
+    if objective is None or not hasattr(objective, "set_weights"):
+        raise TypeError(f"{type(pl_module).__name__} has no matching objective: schedules need a GradientInversionAttack")
+    return objective
 
 
 def _param_names(pl_module: pl.LightningModule) -> list[str]:
@@ -50,15 +53,6 @@ def _param_names(pl_module: pl.LightningModule) -> list[str]:
 def stepwise_start_index(step: int, start: int, stop: int, decrement: int, every: int) -> int:
     """``max(stop, start - decrement * (step // every))``: the first matched tensor at optimiser ``step``."""
     return max(stop, start - decrement * (step // every))
-
-
-def _reset_best(pl_module: pl.LightningModule) -> None:
-    """The objective changed: restart best tracking, so the returned iterate comes from the current stage."""
-    for name in ("best_loss", "restart_best_loss"):  # restart_best_loss: ImagePriorAttack's per-restart copy
-        best = getattr(pl_module, name, None)
-        if isinstance(best, Tensor):
-            with torch.no_grad():
-                best.fill_(math.inf)
 
 
 class StepwiseGradientSchedule(pl.Callback):
@@ -137,17 +131,18 @@ class StepwiseGradientSchedule(pl.Callback):
         return list(range(first, num_tensors))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        n = _num_tensors(pl_module)
+        objective = _objective(pl_module)
+        n = objective.num_tensors
         names = _param_names(pl_module) if self.blocks is not None else None
         matched = self.matched_indices(trainer.global_step, n, names)
         key = tuple(matched)
         if key != self._current:
             self._current = key
             keep = set(matched)
-            pl_module.gradient_weights = [1.0 if i in keep else 0.0 for i in range(n)]
+            objective.set_weights([1.0 if i in keep else 0.0 for i in range(n)])
             self.history.append((int(trainer.global_step), list(matched)))
             if self.reset_best and trainer.global_step > 0:
-                _reset_best(pl_module)
+                objective.reset_best()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._current = None  # a later fit() starts the schedule again
@@ -156,7 +151,7 @@ class StepwiseGradientSchedule(pl.Callback):
 class GradientDropout(pl.Callback):
     """Drop each entry of every matched gradient tensor with probability ``p``, freshly every step.
 
-    Sets ``pl_module.gradient_masks``: a bool keep-mask (``P(keep) = 1 - p``) per tensor with nonzero weight
+    Sets the objective's masks (``objective.set_masks``): a bool keep-mask (``P(keep) = 1 - p``) per tensor with nonzero weight
     (None for the others); the distance applies the same mask to the dummy and the observed gradient.
     Kept entries are not rescaled (authors' code). Masks come from a generator seeded with ``seed`` on the
     attack's device, so runs are reproducible. The masks of the current step are :attr:`last_masks`.
@@ -191,27 +186,28 @@ class GradientDropout(pl.Callback):
             )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        objective = _objective(pl_module)
         if self.p == 0.0 or trainer.global_step < self.start_step:
-            pl_module.gradient_masks = None
+            objective.set_masks(None)
             self.last_masks = None
             return
         if self._generator is None:
             self.on_train_start(trainer, pl_module)
-        targets = pl_module._target_gradients
-        weights = None if self._all_tensors else pl_module.gradient_weights
+        targets = objective.targets
+        weights = None if self._all_tensors else objective.weights
         masks: list[Optional[Tensor]] = []
         for i, t in enumerate(targets):
             if weights is not None and float(weights[i]) == 0.0:
                 masks.append(None)
                 continue
             masks.append(torch.rand(t.shape, generator=self._generator, device=t.device) >= self.p)
-        pl_module.gradient_masks = masks
+        objective.set_masks(masks)
         self.last_masks = masks
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the final evaluation and the outputs never read the masks (the attack's scoring distance); this
         # only leaves no stale masks for code that calls ``matching_distance`` after fit
-        pl_module.gradient_masks = None
+        _objective(pl_module).set_masks(None)
         self._generator = None
 
 
@@ -254,25 +250,11 @@ class PriorSchedule(pl.Callback):
         self.history: list[tuple[int, int, float]] = []
         self._resolved: list[tuple[int, int, float]] = []
 
-    @staticmethod
-    def _resolve(pl_module: pl.LightningModule, ref: Union[int, str]) -> int:
-        priors = list(pl_module.priors)
-        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
-            i = int(ref)
-            if not 0 <= i < len(priors):
-                raise ValueError(f"prior index {i} out of range: the attack has {len(priors)} priors")
-            return i
-        hits = [i for i, p in enumerate(priors) if type(p).__name__ == ref]
-        if not hits:
-            raise ValueError(f"no prior of class {ref!r} in the attack's priors {[type(p).__name__ for p in priors]}")
-        if len(hits) > 1:
-            raise ValueError(f"{len(hits)} priors of class {ref!r}: refer to them by index")
-        return hits[0]
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._resolved = [(s.step, self._resolve(pl_module, s.prior), float(s.weight)) for s in self.switches]
+        objective = _objective(pl_module)
+        self._resolved = [(s.step, objective.prior_index(s.prior), float(s.weight)) for s in self.switches]
         for _, i, _ in self._resolved:
-            pl_module.priors[i].weight = self.initial_weight
+            objective.set_prior_weight(i, self.initial_weight)
 
     def weight_at(self, prior_index: int, step: int) -> Optional[float]:
         """The scheduled weight of prior ``prior_index`` at ``step`` (None: not scheduled)."""
@@ -287,9 +269,10 @@ class PriorSchedule(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._resolved:
             self.on_train_start(trainer, pl_module)
+        objective = _objective(pl_module)
         step = int(trainer.global_step)
         for i in sorted({i for _, i, _ in self._resolved}):
             w = self.weight_at(i, step)
-            if w is not None and float(pl_module.priors[i].weight) != w:
-                pl_module.priors[i].weight = w
+            if w is not None and objective.prior_weight(i) != w:
+                objective.set_prior_weight(i, w)
                 self.history.append((step, i, w))
