@@ -53,7 +53,7 @@ def test_gias_dcgan_tiny_lowers_loss_and_switches_phase(lean_trainer_kwargs):
     dm.setup()
     attack.bind(dm.attack_inputs())
     with torch.enable_grad():
-        _, d0, _, _ = attack.objective()
+        _, d0, _, _ = attack.evaluate()
     initial = float(d0.detach().min())
     base_before = {k: v.clone() for k, v in gen.state_dict().items()}
     copies_before = [p.clone() for p in attack.synthesis_copies.parameters()]
