@@ -358,9 +358,9 @@ class CapturedUpdateVictim(ObservationFileVictim):
     ) -> None:
         if bn_targets and not train_mode:
             raise ValueError("bn_targets=True needs train_mode=True: the client's BN used batch statistics")
-        extra = {} if normalization is None else {"normalization": normalization}
-        super().__init__(model, observation_path, ground_truth_path, weights_path, model_seed, image_shape, mean, std,
-                         num_classes, train_mode, **extra)
+        super().__init__(model, observation_path, ground_truth_path, weights_path=weights_path, model_seed=model_seed,
+                         image_shape=image_shape, mean=mean, std=std, num_classes=num_classes, train_mode=train_mode,
+                         normalization=normalization)
         self.bn_targets = bn_targets
         self.recovered_bn_statistics: Optional[list[tuple[Tensor, Tensor]]] = None
 

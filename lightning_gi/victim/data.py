@@ -38,6 +38,8 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "DATASET_NAMES",
+    "LABEL_MODES",
+    "LabelMode",
     "POOLS",
     "Pool",
     "check_pools_disjoint",
@@ -49,6 +51,7 @@ __all__ = [
     "TorchvisionDataset",
     "build_dataset",
     "image_folder",
+    "is_bundled",
     "load_photographs",
     "select_batch",
     "torchvision_dataset",
@@ -56,8 +59,19 @@ __all__ = [
 
 DATASET_NAMES = ("digits", "photographs", "mnist", "fashionmnist", "svhn", "cifar10", "cifar100", "imagefolder")
 LABEL_MODES = ("unique", "repeated", "random")
+LabelMode = Literal["unique", "repeated", "random"]
 Pool = Literal["private", "public"]
 POOLS = ("private", "public")
+
+
+def dataset_key(name: str) -> str:
+    """The canonical form of a dataset name (case, ``-`` and ``_`` ignored): ``"CIFAR-10"`` -> ``"cifar10"``."""
+    return str(name).lower().replace("-", "").replace("_", "")
+
+
+def is_bundled(dataset: str) -> bool:
+    """The offline datasets shipped with the package ("photographs", "digits")."""
+    return dataset_key(dataset) in ("photographs", "digits")
 
 
 def _check_pool(pool: str) -> None:
@@ -465,7 +479,7 @@ def build_dataset(
     ``pool`` (bundled datasets only) picks the private (attacked) or public images (module docs).
     """
     _check_pool(pool)
-    key = str(name).lower().replace("-", "").replace("_", "")
+    key = dataset_key(name)
     if key == "digits":
         return BundledDigits(image_size=image_size, channels=channels, pool=pool)
     if key == "photographs":
