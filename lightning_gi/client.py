@@ -95,12 +95,25 @@ def client_gradient(
     ``params`` default to ``model.parameters()``; the model's own buffers are never modified (BN running
     statistics in train mode update copies). With ``create_graph`` the gradient is differentiable in
     ``images``/``targets`` (what an attack matches); one tensor per parameter, in ``model.parameters()`` order.
+    (With ``create_graph`` on the model's own parameters the returned buffers dict is empty: nothing was shared.)
     """
+    if create_graph and buffers is None and (params is None or _are_parameters_of(params, model)):
+        # the attacker's hot path: the module's own (grad-requiring) parameters, called directly (no
+        # functional_call re-binding per step); train-mode BN statistics still go to throw-away copies
+        ps = list(model.parameters())
+        with torch.enable_grad():
+            loss = cross_entropy(forward_keeping_buffers(model, images), targets, reduction)
+            return list(torch.autograd.grad(loss, ps, create_graph=True)), {}
     names, ps, bufs = _state(model, params, buffers, detach=not create_graph)
     with torch.enable_grad():
         logits = functional_call(model, (dict(zip(names, ps)), bufs), (images,))
         grads = torch.autograd.grad(cross_entropy(logits, targets, reduction), ps, create_graph=create_graph)
     return [g if create_graph else g.detach() for g in grads], bufs
+
+
+def _are_parameters_of(params: Sequence[Tensor], model: nn.Module) -> bool:
+    own = list(model.parameters())
+    return len(own) == len(params) and all(a is b for a, b in zip(own, params)) and all(p.requires_grad for p in own)
 
 
 def local_step_indices(step: int, num_data: int, local_batch_size: Optional[int]) -> Tensor:

@@ -37,6 +37,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from ..client import client_gradient
 from ..generators.build import GenerativeOutput, build_generator
 from ..labels import IDLGLabels, LabelStrategy, SharedLabels
 from ..objectives.distances import CosineDistance
@@ -59,10 +60,7 @@ def victim_matching_loss(
     priors: Sequence[nn.Module] = (),
 ) -> tuple[Tensor, Tensor]:
     """(loss, matching distance) of a batch in the victim's input space: gradient distance + weighted priors."""
-    params = [p for p in victim.parameters()]
-    logits = victim(images)
-    loss = nn.functional.cross_entropy(logits, labels, reduction=reduction)
-    grads = torch.autograd.grad(loss, params, create_graph=True)
+    grads, _ = client_gradient(victim, images, labels, create_graph=True, reduction=reduction)  # the one client simulation
     d = distance(list(grads), list(target), None, None)
     total = d
     for prior in priors:
