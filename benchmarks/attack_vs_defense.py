@@ -97,8 +97,9 @@ def run_one(attack: str, case: int, defenses: list[dict[str, Any]], steps: int, 
     data = copy.deepcopy(yaml.safe_load(config_path(RECIPES["idlg"]).read_text())["data"])
     data["init_args"].update({
         "model": victim_model(args.model, args.num_classes, args.image_size, args.channels), "model_seed": case,
-        "dataset": args.dataset, "data_root": args.data_root, "batch_size": 1, "batch_seed": case,
         "image_shape": [args.channels, args.image_size, args.image_size], "defenses": defenses})
+    data["init_args"]["source"]["init_args"].update({
+        "dataset": args.dataset, "data_root": args.data_root, "batch_size": 1, "batch_seed": case})
 
     def edit(cfg: dict[str, Any]) -> None:
         cfg["data"] = data

@@ -60,7 +60,7 @@ def reconstruct(attack: str, case: int, num_classes: int, steps: int, image_size
         "--trainer.logger=false",
         f"--model.init_args.seed={case}",
         f"--data.init_args.model_seed={case}",
-        f"--data.init_args.batch_seed={case}",
+        f"--data.init_args.source.init_args.batch_seed={case}",
         f"--data.init_args.model.init_args.num_classes={num_classes}",
         f"--data.init_args.model.init_args.image_size={image_size}",
         f"--data.init_args.image_shape=[3,{image_size},{image_size}]",

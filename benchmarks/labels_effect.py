@@ -58,8 +58,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 overrides = [
                     f"--trainer.max_steps={args.steps}", "--trainer.logger=false",
                     "--model.init_args.restarts=1", f"--model.init_args.seed={seed}",
-                    f"--data.init_args.batch_size={args.batch}", "--data.init_args.label_mode=repeated",
-                    f"--data.init_args.num_distinct={args.distinct}", f"--data.init_args.batch_seed={seed}",
+                    f"--data.init_args.source.init_args.batch_size={args.batch}", "--data.init_args.source.init_args.label_mode=repeated",
+                    f"--data.init_args.source.init_args.num_distinct={args.distinct}", f"--data.init_args.source.init_args.batch_seed={seed}",
                     f"--data.init_args.model_seed={seed}", *STRATEGIES[name],
                 ]
                 m = run_config(config_path(CONFIG), overrides, f"{work}/{seed}_{len(rows)}")

@@ -90,8 +90,8 @@ def wdlg_methods(l2_weight: float) -> dict[str, tuple[str, Callable[[dict[str, A
 
 def _lenet_overrides(steps: int, bs: int, trial: int) -> list[str]:
     return [f"--trainer.max_steps={steps}", "--trainer.logger=false", f"--model.init_args.seed={trial}",
-            "--data.init_args.model.init_args.num_classes=14", f"--data.init_args.batch_size={bs}",
-            f"--data.init_args.batch_seed={1000 + trial}", f"--data.init_args.model_seed={trial}"]
+            "--data.init_args.model.init_args.num_classes=14", f"--data.init_args.source.init_args.batch_size={bs}",
+            f"--data.init_args.source.init_args.batch_seed={1000 + trial}", f"--data.init_args.model_seed={trial}"]
 
 
 def bench_wdlg(args: argparse.Namespace) -> None:
@@ -156,7 +156,8 @@ def _resnet_edit(tv: float, restarts: int, bs: int, seed: int) -> Callable[[dict
         init["restarts"] = restarts
         cfg["data"]["init_args"].update({
             "model": {"class_path": "lightning_gi.victim.torchvision_classifier", "init_args": {"name": "resnet18", "num_classes": 14}},
-            "mean": CIFAR_MEAN, "std": CIFAR_STD, "batch_size": bs, "batch_seed": seed, "model_seed": seed})
+            "mean": CIFAR_MEAN, "std": CIFAR_STD, "model_seed": seed})
+        cfg["data"]["init_args"]["source"]["init_args"].update({"batch_size": bs, "batch_seed": seed})
 
     return edit
 

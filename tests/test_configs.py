@@ -52,9 +52,10 @@ def _short_config(path: Path, tmp_path: Path) -> Path:
         logger["init_args"]["save_dir"] = str(tmp_path)
     trainer["default_root_dir"] = str(tmp_path)
     data = (cfg.get("data") or {}).get("init_args") or {}
-    if data.get("dataset") in OFFLINE_STAND_IN_DATASETS:  # datasets users place themselves (ImageNet folders)
-        data["dataset"] = "photographs"
-        data.pop("data_root", None)
+    source = (data.get("source") or {}).get("init_args") or {}
+    if source.get("dataset") in OFFLINE_STAND_IN_DATASETS:  # datasets users place themselves (ImageNet folders)
+        source["dataset"] = "photographs"
+        source.pop("data_root", None)
     out = tmp_path / path.name
     out.write_text(yaml.safe_dump(cfg))
     return out
@@ -91,6 +92,17 @@ def write_stand_in(name: str, directory: Path) -> Path:
 
 def test_there_are_configs():
     assert {"configs/idlg_lenet.yaml", "configs/dlg_lenet.yaml"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_uses_the_one_victim_with_a_source(config):
+    """Issue 13: every recipe names the ONE victim DataModule and says where its data come from in ``source``."""
+    data = yaml.safe_load((ROOT / config).read_text())["data"]
+    assert data["class_path"] == "lightning_gi.victim.Victim", data["class_path"]
+    source = data["init_args"]["source"]
+    assert source["class_path"] in ("lightning_gi.victim.DatasetImages", "lightning_gi.victim.ObservationFile")
+    for key in ("dataset", "data_root", "batch_size", "batch_seed", "observation_path", "ground_truth_path"):
+        assert key not in data["init_args"], f"{config}: data.init_args.{key} belongs in data.init_args.source"
 
 
 # Recipes whose run needs more memory than a small CI machine has (GiB, measured peak + margin): GIAS with a

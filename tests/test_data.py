@@ -381,14 +381,14 @@ def test_select_batch_serves_a_victim_with_fewer_classes(photos, label_mode):
 
 
 def _datamodule(config: str, **overrides):
-    """The config's data section instantiated as the CLI does (jsonargparse), with init_args overrides."""
+    """The config's data section instantiated as the CLI does (jsonargparse), with overrides of its source's init_args."""
     import yaml
     from jsonargparse import ArgumentParser
 
     from lightning_gi.victim.datamodule import VictimDataModule
 
     data = yaml.safe_load((ROOT / config).read_text())["data"]
-    data["init_args"].update(overrides)
+    data["init_args"]["source"]["init_args"].update(overrides)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(VictimDataModule, "data")
     return parser.instantiate_classes(parser.parse_object({"data": data})).data

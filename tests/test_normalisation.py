@@ -14,7 +14,15 @@ from torch import nn
 
 from lightning_gi.cli import main
 from lightning_gi.observation import GradientObservation, capture_observation
-from lightning_gi.victim import FedSGDVictim, LeNet, ObservationFileVictim, TensorBatchVictim
+from lightning_gi.victim import (
+    DatasetImages,
+    FedSGDVictim,
+    LeNet,
+    ObservationFile,
+    ObservationFileVictim,
+    TensorBatchVictim,
+    Victim,
+)
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 SHAPE = (3, 8, 8)
@@ -75,6 +83,8 @@ def test_user_model_without_normalisation_is_refused_with_the_fix(user_model, tm
     for make in (
         lambda: ObservationFileVictim(user_model(), observation_path=str(tmp_path / "obs.pt"), image_shape=SHAPE).setup(),
         lambda: FedSGDVictim(user_model(num_classes=14), dataset="photographs", image_shape=(3, 8, 8)),
+        lambda: Victim(user_model(), source=ObservationFile(str(tmp_path / "obs.pt")), image_shape=SHAPE).setup(),
+        lambda: Victim(user_model(num_classes=14), source=DatasetImages("photographs"), image_shape=SHAPE),
     ):
         with pytest.raises(ValueError, match=r"normalisation of the victim TinyNet is (not set|set neither).*mean.*normalization: none"):
             make()

@@ -114,3 +114,25 @@ def test_observation_file_victim_round_trip_hides_the_batch(tmp_path):
     dm.setup()
     assert torch.equal(dm.ground_truth().images, truth.images)  # the ground truth comes only from its own file
     _check_observation(dm.observation, tmp_path / "resaved.pt", truth.images, _private_indices(2), "ObservationFileVictim")
+
+
+def test_victim_with_each_source_hides_the_batch(tmp_path):
+    """The ONE victim DataModule (issue 13): simulated clients on DatasetImages and TensorImages, and an
+    ObservationFile read back, never put the batch or its recipe into what the attack sees."""
+    from lightning_gi.victim import DatasetImages, FedAvgClient, ObservationFile, TensorImages, Victim
+
+    path = tmp_path / "victim.pt"
+    dm = Victim(_model(), source=DatasetImages(batch_size=1, batch_seed=BATCH_SEED), image_shape=(3, SIZE, SIZE),
+                mean=MEAN, std=STD, client=FedAvgClient(2, 0.1), num_clients=2, share_labels=True,
+                save_observation=str(path))
+    truth = dm.ground_truth()
+    assert truth.images.shape == (2, 3, SIZE, SIZE)
+    _check_observation(dm.observation, path, truth.images, _private_indices(2), "Victim(DatasetImages)")
+    ds = build_dataset("photographs", image_size=SIZE, channels=3)
+    images, labels, indices = select_batch(ds, 2, seed=BATCH_SEED)
+    tensors = Victim(_model(), source=TensorImages(images, labels), mean=MEAN, std=STD)
+    _check_observation(tensors.observation, tmp_path / "t.pt", images, indices, "Victim(TensorImages)")
+    read = Victim(_model(), source=ObservationFile(str(path)), image_shape=(3, SIZE, SIZE))
+    inputs = read.attack_inputs()
+    assert read.ground_truth() is None  # no ground-truth file: the metrics get nothing, the attack never does
+    _check_observation(inputs.observation, tmp_path / "read.pt", truth.images, _private_indices(2), "Victim(ObservationFile)")
