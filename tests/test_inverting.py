@@ -272,3 +272,36 @@ def test_default_labels_are_auto_and_count_duplicates():
         assert isinstance(attack.label_strategy, AutoLabels)
         assert attack.label_strategy.diagnostics["chosen_strategy"] == "ilrg"
         assert sorted(attack.labels.tolist()) == labels.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# named recipes: ImagePriorAttack with other defaults, through the config parser
+# ---------------------------------------------------------------------------------------------------
+def _from_config(class_path: str, **init_args):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(ImagePriorAttack, "model")
+    cfg = parser.parse_object({"model": {"class_path": class_path, "init_args": init_args}})
+    assert set(vars(cfg.model.init_args)) >= {"signed_gradients", "boxed", "milestone_fractions", "restart_mode", "priors"}
+    return parser.instantiate_classes(cfg).model
+
+
+def test_recipes_take_their_defaults_through_the_parser_and_explicit_values_win():
+    from lightning_gi.attacks import WDLG
+    from lightning_gi.objectives import SquaredL2Distance, WassersteinDistance
+
+    ig = _from_config("lightning_gi.attacks.InvertingGradients", restarts=2)
+    assert ig.signed_gradients and ig.boxed and ig.restarts == 2
+    assert ig.milestone_fractions == pytest.approx([0.375, 0.625, 0.875])
+    assert isinstance(ig.distance, CosineDistance) and [type(p).__name__ for p in ig.priors] == ["TotalVariation"]
+    plain = _from_config("lightning_gi.attacks.InvertingGradients", signed_gradients=False, milestone_fractions=[], priors=[])
+    assert not plain.signed_gradients and plain.milestone_fractions is None and len(plain.priors) == 0
+    gi = _from_config("lightning_gi.attacks.GradInversion")
+    assert isinstance(gi.distance, SquaredL2Distance) and not gi.signed_gradients and not gi.boxed
+    assert [type(p).__name__ for p in gi.priors] == ["BNStatisticsPrior", "TotalVariation", "L2ImageNorm"]
+    wdlg = _from_config("lightning_gi.attacks.WDLG")
+    assert isinstance(wdlg, WDLG) and isinstance(wdlg.distance, WassersteinDistance) and len(wdlg.priors) == 0
+    generic = _from_config("lightning_gi.attacks.ImagePriorAttack")
+    assert not generic.signed_gradients and generic.milestone_fractions is None
+    assert InvertingGradients().priors[0] is not InvertingGradients().priors[0]  # a fresh prior per attack

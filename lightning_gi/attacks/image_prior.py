@@ -47,13 +47,13 @@ schedule is shared, which is the same schedule each would have had alone.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..labels import IDLGLabels, LabelStrategy
+from ..labels import AutoLabels, IDLGLabels, LabelStrategy
 from ..objectives.distances import CosineDistance, GradientDistance
 from .base import RESTART_MODES, GradientInversionAttack, RestartMode
 from .vectorised import auto_vectorise, vectorisable  # noqa: F401,E402 (re-exported)
@@ -96,20 +96,27 @@ def box_bounds(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
 class ImagePriorAttack(GradientInversionAttack):
     """Optimise dummy images (labels recovered first) under a gradient distance plus image priors.
 
+    Named recipes (:class:`~lightning_gi.attacks.InvertingGradients`, :class:`~lightning_gi.attacks.GradInversion`,
+    :class:`~lightning_gi.attacks.WDLG`) are this class with other defaults: their :attr:`recipe` fills the
+    arguments left at None; an explicit value always wins.
+
     Args:
         optimizer: optimiser factory over the dummy images (default Adam, lr 0.1).
         lr_scheduler: optional scheduler factory (stepped every optimiser step); exclusive with
             ``milestone_fractions``.
         milestone_fractions: MultiStepLR milestones as fractions of ``trainer.max_steps`` (e.g.
-            ``[0.375, 0.625, 0.875]``); None: no built-in schedule.
+            ``[0.375, 0.625, 0.875]``); None: the recipe's (none here); ``[]``: no built-in schedule.
         lr_gamma: MultiStepLR decay factor at each milestone.
-        label_strategy: label recovery rule (default :class:`~lightning_gi.labels.IDLGLabels`: iDLG for one
-            image, the negative-row rule of GradInversion for a batch of distinct labels).
-        distance: gradient distance ``f(dummy_grads, target_grads, weights, masks)`` (default
+        label_strategy: label recovery rule; None: the recipe's (here :class:`~lightning_gi.labels.IDLGLabels`:
+            iDLG for one image, the negative-row rule of GradInversion for a batch of distinct labels).
+        distance: gradient distance ``f(dummy_grads, target_grads, weights, masks)``; None: the recipe's (here
             :class:`~lightning_gi.objectives.CosineDistance`).
-        priors: image priors (modules with a ``weight``), applied to each restart's images.
-        signed_gradients: replace each unknown's gradient by its sign before the optimiser step.
-        boxed: clamp the dummies to the valid image range (per channel, input space) after each step.
+        priors: image priors (modules with a ``weight``), applied to each restart's images; None: the recipe's
+            (none here); ``[]``: no prior.
+        signed_gradients: replace each unknown's gradient by its sign before the optimiser step; None: the
+            recipe's (off here).
+        boxed: clamp the dummies to the valid image range (per channel, input space) after each step; None: the
+            recipe's (off here).
         restarts: number R of independent initialisations optimised side by side (see module docs).
         init: initialisation of every restart (see :class:`GradientInversionAttack`).
         seed: seed of the initialisations.
@@ -121,6 +128,11 @@ class ImagePriorAttack(GradientInversionAttack):
         steps_per_call, compile: see :class:`GradientInversionAttack`.
     """
 
+    #: defaults of the arguments given as None. Keys: ``milestone_fractions`` (list), ``distance`` and ``priors``
+    #: (factories: a fresh object per attack), ``signed_gradients``, ``boxed`` (bools), ``auto_labels`` (True:
+    #: :class:`~lightning_gi.labels.AutoLabels` at the victim's geometry instead of the iDLG rule).
+    recipe: ClassVar[dict[str, Any]] = {}
+
     def __init__(
         self,
         optimizer: OptimizerCallable = _default_adam,
@@ -130,8 +142,8 @@ class ImagePriorAttack(GradientInversionAttack):
         label_strategy: Optional[LabelStrategy] = None,
         distance: Optional[DistanceFn] = None,
         priors: Optional[list[nn.Module]] = None,
-        signed_gradients: bool = False,
-        boxed: bool = False,
+        signed_gradients: Optional[bool] = None,
+        boxed: Optional[bool] = None,
         restarts: int = 1,
         init: str = "randn",
         seed: int = 0,
@@ -139,16 +151,31 @@ class ImagePriorAttack(GradientInversionAttack):
         steps_per_call: int = 1,
         compile: bool = False,
     ) -> None:
+        recipe = self.recipe
+        auto_labels = label_strategy is None and bool(recipe.get("auto_labels", False))
+        if distance is None:
+            distance = recipe.get("distance", CosineDistance)()
         super().__init__(
             optimizer,
             lr_scheduler,
-            label_strategy=label_strategy if label_strategy is not None else IDLGLabels(),
+            label_strategy=label_strategy if label_strategy is not None or auto_labels else IDLGLabels(),
             init=init,
             seed=seed,
-            distance=distance if distance is not None else CosineDistance(),
+            distance=distance,
             steps_per_call=steps_per_call,
             compile=compile,
         )
+        self._auto_labels = auto_labels
+        if milestone_fractions is None and lr_scheduler is None:
+            milestone_fractions = recipe.get("milestone_fractions")
+        if milestone_fractions is not None and len(milestone_fractions) == 0:
+            milestone_fractions = None  # [] : explicitly no built-in schedule
+        if signed_gradients is None:
+            signed_gradients = bool(recipe.get("signed_gradients", False))
+        if boxed is None:
+            boxed = bool(recipe.get("boxed", False))
+        if priors is None:
+            priors = recipe["priors"]() if "priors" in recipe else []
         if restart_mode not in RESTART_MODES:
             raise ValueError(f"restart_mode must be one of {RESTART_MODES}, got {restart_mode!r}")
         self.restart_mode = restart_mode
@@ -165,10 +192,22 @@ class ImagePriorAttack(GradientInversionAttack):
         self.signed_gradients = bool(signed_gradients)
         self.boxed = bool(boxed)
         self.restarts = int(restarts)
-        for prior in priors or []:
+        for prior in priors:
             if not isinstance(prior, nn.Module) or not hasattr(prior, "weight"):
                 raise TypeError(f"a prior must be an nn.Module with a 'weight' attribute, got {prior!r}")
             self.priors.append(prior)
+
+    def recover_labels(self) -> Optional[Tensor]:
+        """With ``auto_labels`` in the recipe and no ``label_strategy`` given: :class:`~lightning_gi.labels.AutoLabels`
+        at the victim's input geometry (iLRG counts when the last layer has a bias, exact with duplicated labels;
+        else the evolutionary search of Ye et al.; else the iDLG rule)."""
+        if self._auto_labels:
+            _, size, _ = self.inputs.image_shape
+            self.label_strategy = AutoLabels(
+                image_size=size, mean=self.inputs.mean.flatten().tolist(), std=self.inputs.std.flatten().tolist()
+            )
+            self._auto_labels = False
+        return super().recover_labels()
 
     # ------------------------------------------------------------------ restarts (the core keeps [R, N, ...])
     stack_restarts = True

@@ -17,22 +17,12 @@ named. See :data:`WDLG_DEFAULT_OPTIMIZER` for our default and docs/attacks/wdlg.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, ClassVar
 
-import torch
-from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
-
-from ..labels import LabelStrategy
 from ..objectives.distances import WassersteinDistance
-from .image_prior import DistanceFn, ImagePriorAttack
+from .image_prior import ImagePriorAttack
 
-__all__ = ["WDLG"]
-
-
-def _wdlg_optimizer(params: Any) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=0.1)
-
+__all__ = ["WDLG", "WDLG_DEFAULT_OPTIMIZER"]
 
 WDLG_DEFAULT_OPTIMIZER = "Adam(lr=0.1)"
 
@@ -40,35 +30,12 @@ WDLG_DEFAULT_OPTIMIZER = "Adam(lr=0.1)"
 class WDLG(ImagePriorAttack):
     """Wasserstein DLG (Wang et al. 2023): recovered labels + 1-D Wasserstein gradient distance.
 
-    Args:
-        optimizer: optimiser factory (default Adam, lr 0.1: the paper's learning rate).
-        lr_scheduler: optional scheduler factory.
-        label_strategy: label recovery (default iDLG rule / negative rows, :class:`IDLGLabels`).
-        distance: gradient distance (default ``WassersteinDistance(p=1)``, exact 1-D W1 per tensor).
-        priors: optional image priors (none in the paper).
-        restarts: independent initialisations (1 in the paper).
-        init: initial dummies ("randn": N(0, 1) as in the paper).
-        seed: seed of the initialisation.
+    :class:`ImagePriorAttack`'s arguments; left at None: Adam lr 0.1 (the paper's learning rate), labels from
+    the iDLG rule / negative rows (:class:`~lightning_gi.labels.IDLGLabels`), ``WassersteinDistance(p=1)`` (exact
+    1-D W1 per tensor), no priors (none in the paper), unsigned, not boxed, one restart, N(0, 1) dummies.
     """
 
-    def __init__(
-        self,
-        optimizer: OptimizerCallable = _wdlg_optimizer,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
-        label_strategy: Optional[LabelStrategy] = None,
-        distance: Optional[DistanceFn] = None,
-        priors: Optional[list[nn.Module]] = None,
-        restarts: int = 1,
-        init: str = "randn",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            optimizer,
-            lr_scheduler,
-            label_strategy=label_strategy,
-            distance=distance if distance is not None else WassersteinDistance(p=1),
-            priors=priors,
-            restarts=restarts,
-            init=init,
-            seed=seed,
-        )
+    recipe: ClassVar[dict[str, Any]] = {"distance": lambda: WassersteinDistance(p=1)}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
