@@ -473,6 +473,11 @@ def _threat_model_arguments_given(
 # --------------------------------------------------------------------------------------------------
 # Compatibility names: each maps its former arguments to a source and builds a Victim
 # --------------------------------------------------------------------------------------------------
+def _source_field(name: str) -> property:
+    """A read/write view of ``self.source.<name>``: the compatibility names keep their former attributes."""
+    return property(lambda self: getattr(self.source, name), lambda self, value: setattr(self.source, name, value))
+
+
 class FedSGDVictim(Victim):
     """Former name of ``Victim(source=DatasetImages(dataset, data_root, batch_size, batch_seed, label_mode,
     num_distinct), ...)``; the other arguments are :class:`Victim`'s."""
@@ -499,21 +504,8 @@ class TensorBatchVictim(Victim):
     def __init__(self, model: nn.Module, images: Tensor, labels: Tensor, **victim: Any) -> None:
         super().__init__(model, source=TensorImages(images, labels), **victim)
 
-    @property
-    def images(self) -> Tensor:
-        return self.source.images  # type: ignore[attr-defined]
-
-    @images.setter
-    def images(self, value: Tensor) -> None:
-        self.source.images = value  # type: ignore[attr-defined]
-
-    @property
-    def labels(self) -> Tensor:
-        return self.source.labels  # type: ignore[attr-defined]
-
-    @labels.setter
-    def labels(self, value: Tensor) -> None:
-        self.source.labels = value  # type: ignore[attr-defined]
+    images = _source_field("images")
+    labels = _source_field("labels")
 
 
 class ObservationFileVictim(Victim):
@@ -523,10 +515,5 @@ class ObservationFileVictim(Victim):
     def __init__(self, model: nn.Module, observation_path: str, ground_truth_path: Optional[str] = None, **victim: Any) -> None:
         super().__init__(model, source=ObservationFile(observation_path, ground_truth_path), **victim)
 
-    @property
-    def observation_path(self) -> str:
-        return self.source.observation_path  # type: ignore[attr-defined]
-
-    @property
-    def ground_truth_path(self) -> Optional[str]:
-        return self.source.ground_truth_path  # type: ignore[attr-defined]
+    observation_path = _source_field("observation_path")
+    ground_truth_path = _source_field("ground_truth_path")
