@@ -169,7 +169,7 @@ def test_imagenet_config_fails_clearly_without_generator(tmp_path, capsys):
     # bundled photographs instead of ImageNet, so that only the generator file is missing; the CLI either
     # raises MissingCheckpointError or exits with a one-line error naming the file
     with pytest.raises((MissingCheckpointError, SystemExit)) as info:
-        main(["fit", "--config", str(ROOT / "configs/gias_imagenet64_resnet18.yaml"), "--data.init_args.dataset", "photographs", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
+        main(["fit", "--config", str(ROOT / "configs/gias_imagenet64_resnet18.yaml"), "--data.init_args.source.init_args.dataset", "photographs", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
     assert "stylegan2_imagenet512.pkl" in str(info.value) + capsys.readouterr().err
 
 
@@ -372,7 +372,7 @@ def test_demo_config_prior_is_the_public_digits_prior():
     cfg = yaml.safe_load((ROOT / "configs/gias_dcgan_demo.yaml").read_text())
     gen = get_generator_config(cfg["model"]["init_args"]["generator"])
     data = cfg["data"]["init_args"]
-    assert prior_recipe(gen.name)["dataset"] == data["dataset"] == "digits"
+    assert prior_recipe(gen.name)["dataset"] == data["source"]["init_args"]["dataset"] == "digits"
     assert gen.kwargs["img_channels"] == data["image_shape"][0] and gen.resolution == data["image_shape"][1]
 
 
