@@ -61,7 +61,7 @@ def _bound(mode: str, name: str, restarts: int, batch: int, device: torch.device
 
 def _step(attack, opt) -> torch.Tensor:
     opt.zero_grad(set_to_none=True)
-    loss, distances, images, _ = attack.objective()
+    loss, distances, images, _ = attack.evaluate()
     attack.update_best(distances.detach(), images.detach())
     attack.backward(loss)
     attack.on_before_optimizer_step(opt)
