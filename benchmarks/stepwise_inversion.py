@@ -105,7 +105,7 @@ def run_row(row: str, args: argparse.Namespace, seed: int, work: str) -> dict[st
         f"--trainer.max_steps={args.steps}", "--trainer.logger=false",
         f"--model.init_args.seed={seed}",
         f"--data.init_args.source.init_args.batch_size={args.batch}", f"--data.init_args.source.init_args.batch_seed={seed}",
-        "--data.init_args.source.init_args.label_mode=unique", "--data.init_args.source.init_args.num_distinct=null", "--data.init_args.share_labels=true",
+        '--data.init_args.source={"init_args": {"label_mode": "unique", "num_distinct": null}}', "--data.init_args.share_labels=true",
         f"--data.init_args.image_shape=[3,{s},{s}]",
         f"--data.init_args.model.init_args.name={args.model}", f"--data.init_args.model.init_args.image_size={s}",
     ]
