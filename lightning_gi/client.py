@@ -200,15 +200,8 @@ class ThreatModel:
             raise ValueError(f"client_batch_sizes must be positive, got {self.client_batch_sizes}")
 
     @classmethod
-    def from_metadata(
-        cls, metadata: Mapping[str, Any], batch_size: int, overrides: Optional[Mapping[str, Any]] = None
-    ) -> "ThreatModel":
-        """Read what :meth:`to_metadata` wrote; absent keys mean one FedSGD client. Non-None ``overrides``
-        (field name -> value) replace the metadata's entries (an observation captured elsewhere may lack them)."""
-        metadata = dict(metadata)
-        for key, value in (overrides or {}).items():
-            if value is not None:
-                metadata[key] = ",".join(str(int(v)) for v in value) if key == "client_batch_sizes" else value
+    def from_metadata(cls, metadata: Mapping[str, Any], batch_size: int) -> "ThreatModel":
+        """Read what :meth:`to_metadata` wrote; absent keys mean one FedSGD client."""
         sizes = metadata.get("client_batch_sizes")
         client_sizes = [int(s) for s in str(sizes).split(",")] if sizes not in (None, "") else None
         lbs = int(metadata.get("local_batch_size", 0) or 0)

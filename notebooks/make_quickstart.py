@@ -17,7 +17,7 @@ cells = [
         "torch.set_num_threads(1)\n"
         "from lightning_gi import capture_observation, GradientObservation\n"
         "from lightning_gi.attacks import IDLG, InvertingGradients\n"
-        "from lightning_gi.victim import ConvNet, LeNet, ObservationFileVictim, TensorBatchVictim\n"
+        "from lightning_gi.victim import ConvNet, LeNet, ObservationFile, Victim\n"
         "from lightning_gi.victim.data import BundledPhotographs\n"
         "from lightning_gi.metrics import reconstruction_metrics\n"
         "from lightning_gi.cli import quiet_known_warnings\n"
@@ -38,10 +38,9 @@ cells = [
     ),
     new_markdown_cell("## 2. iDLG: label from the last layer's gradient, then the image (L-BFGS)"),
     new_code_cell(
-        "dm = ObservationFileVictim(model=LeNet(num_classes=14, image_size=32),\n"
-        "                           observation_path='quickstart_observation.pt',\n"
-        "                           weights_path='quickstart_victim.pt',\n"
-        "                           ground_truth_path='quickstart_ground_truth.pt', image_shape=(3, 32, 32))\n"
+        "dm = Victim(model=LeNet(num_classes=14, image_size=32),\n"
+        "            source=ObservationFile('quickstart_observation.pt', ground_truth_path='quickstart_ground_truth.pt'),\n"
+        "            weights_path='quickstart_victim.pt', image_shape=(3, 32, 32))\n"
         "idlg = IDLG(seed=0)\n"
         "trainer = pl.Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False,\n"
         "                     enable_model_summary=False, accelerator='cpu')\n"
@@ -64,7 +63,7 @@ cells = [
         "ig = InvertingGradients(seed=0, restarts=1)\n"
         "trainer = pl.Trainer(max_steps=400, logger=False, enable_checkpointing=False, enable_progress_bar=False,\n"
         "                     enable_model_summary=False, accelerator='cpu')\n"
-        "trainer.fit(ig, TensorBatchVictim(convnet, image, label, mean=mean, std=std))\n"
+        "trainer.fit(ig, Victim.from_tensors(convnet, image, label, mean=mean, std=std))\n"
         "rec_ig = ig.reconstruction()\n"
         "m_ig = reconstruction_metrics(rec_ig['images'], image, rec_ig['labels'], label)\n"
         "print('IG label', rec_ig['labels'].tolist(), 'PSNR %.1f dB' % m_ig['psnr'], 'SSIM %.3f' % m_ig['ssim'])"

@@ -1,5 +1,10 @@
+"""Shared fixtures. The test tree mirrors the package (tests/attacks, tests/victim, ...); project-level checks
+(configs, docs, CLI, benchmarks) sit at the top. Shared factories live in tests/factories.py (importable from every
+test module: this directory is put on sys.path below) and the common ones are fixtures here."""
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,9 +12,25 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/factories.py for every test module
+
 from lightning_gi.cli import quiet_known_warnings  # noqa: E402
 
+import factories  # noqa: E402
+
 quiet_known_warnings()
+
+
+@pytest.fixture
+def lenet16():
+    """The DLG sigmoid LeNet for 16x16 inputs, 10 classes, initialisation re-drawn from seed 0."""
+    return factories.lenet(size=16, seed=0)
+
+
+@pytest.fixture
+def photos16():
+    """Two bundled photographs at 16x16 (distinct labels) and their labels."""
+    return factories.photos(2, size=16, seed=0)
 
 
 @pytest.fixture

@@ -16,22 +16,11 @@ import yaml
 from lightning_gi.cli import main
 from lightning_gi.observation import capture_observation
 from lightning_gi.victim import LeNet
+from factories import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 LENET = {"class_path": "lightning_gi.victim.LeNet", "init_args": {"num_classes": 10, "image_size": 16}}
-
-
-def run_cli(args):
-    """``main(args)`` in-process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(args)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def base_config(victim="fedsgd", **data_args):

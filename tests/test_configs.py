@@ -74,7 +74,7 @@ def write_stand_in(name: str, directory: Path) -> Path:
 
     out = directory / name
     if name.endswith(".pkl"):  # a StyleGAN2-ADA pickle in the official layout, from the registry's arguments
-        from test_loaders import official_layout_pickle
+        from factories import official_layout_pickle
 
         from lightning_gi.generators.registry import get_generator_config, list_generators
         from lightning_gi.generators.stylegan2 import StyleGAN2Generator

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from factories import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "checkpoints" / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -79,16 +80,8 @@ COMMANDS = _commands()
 
 
 def _run_cli(argv: list[str]) -> tuple[int, str]:
-    from lightning_gi.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue() + err.getvalue()
+    code, out, err = run_cli(argv)
+    return code, out + err
 
 
 def _run_module(name: str, argv: list[str], monkeypatch) -> tuple[int, str]:

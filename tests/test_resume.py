@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 
-from test_cli_errors import run_cli  # in-process CLI: (exit status, stdout, stderr)
+from factories import run_cli  # in-process CLI: (exit status, stdout, stderr)
 
 LENET = {"class_path": "lightning_gi.victim.LeNet", "init_args": {"num_classes": 10, "image_size": 16}}
 

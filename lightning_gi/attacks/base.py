@@ -136,7 +136,7 @@ class GradientInversionAttack(pl.LightningModule):
         # What the client computed and shared (read from the observation in bind(); settable before bind() for an
         # observation whose metadata does not say), and how recovered labels are placed into its slots.
         self.threat_model = ThreatModel()
-        self.threat_model_overrides: dict[str, Any] = {}
+        self.threat_model_given: Optional[ThreatModel] = None  # set before bind() when the metadata does not say
         self.label_slots = LabelSlotSearch()
 
     # ------------------------------------------------------------------ binding the victim
@@ -231,11 +231,19 @@ class GradientInversionAttack(pl.LightningModule):
         self.restart_span = None
 
     def read_threat_model(self, observation: GradientObservation) -> ThreatModel:
-        """What the client computed and shared, read from the observation's metadata (absent keys: one FedSGD
-        client; :attr:`threat_model_overrides` replace entries). Every attack matches the simulated shared update of
-        its dummy batch under this threat model."""
+        """What the client computed and shared: :attr:`threat_model_given` when set (an observation captured without
+        the metadata), else read from the observation's metadata (absent keys: one FedSGD client). Every attack
+        matches the simulated shared update of its dummy batch under this threat model."""
+        given = self.threat_model_given
+        if given is not None:
+            if sum(given.sizes(observation.batch_size)) != observation.batch_size:
+                raise ValueError(
+                    f"the given threat model's client_batch_sizes {given.client_batch_sizes} do not sum to the "
+                    f"observation's batch_size {observation.batch_size}"
+                )
+            return given
         try:
-            return ThreatModel.from_metadata(observation.metadata, observation.batch_size, self.threat_model_overrides)
+            return ThreatModel.from_metadata(observation.metadata, observation.batch_size)
         except ValueError as err:
             raise ValueError(f"the observation's threat-model metadata is inconsistent: {err}") from None
 

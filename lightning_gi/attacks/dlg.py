@@ -8,33 +8,26 @@ history 100), 300 steps, dummies drawn from N(0, 1). ``steps_per_call`` and ``co
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..labels import IDLGLabels, LabelStrategy
-from ..objectives.distances import squared_l2
-from .base import GradientInversionAttack, _default_lbfgs
+from .base import GradientInversionAttack
 
 
 class DLG(GradientInversionAttack):
-    """Deep Leakage from Gradients: images and label logits are both unknowns (Zhu et al. 2019, Alg. 1)."""
+    """Deep Leakage from Gradients: images and label logits are both unknowns (Zhu et al. 2019, Alg. 1).
 
-    def __init__(
-        self,
-        optimizer: OptimizerCallable = _default_lbfgs,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
-        init: str = "randn",
-        seed: int = 0,
-        steps_per_call: int = 1,
-        compile: bool = False,
-    ) -> None:
-        super().__init__(
-            optimizer, lr_scheduler, label_strategy=None, init=init, seed=seed, distance=squared_l2,
-            steps_per_call=steps_per_call, compile=compile,
-        )
+    Arguments: those of :class:`~lightning_gi.attacks.base.GradientInversionAttack` (L-BFGS, N(0, 1) dummies and
+    the squared-L2 distance are its defaults, DLG's settings); no label strategy, the labels are optimised."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        if kwargs.get("label_strategy") is not None:
+            raise ValueError("DLG optimises the labels jointly with the images: use IDLG (or another attack) for a label_strategy")
+        kwargs.pop("label_strategy", None)
+        super().__init__(**kwargs)
 
     def create_unknowns(self, generator: torch.Generator) -> None:
         super().create_unknowns(generator)
@@ -53,25 +46,8 @@ class DLG(GradientInversionAttack):
 
 
 class IDLG(GradientInversionAttack):
-    """Improved DLG: labels from the gradient first (:class:`IDLGLabels`), then the image alone."""
+    """Improved DLG: labels from the gradient first (:class:`IDLGLabels` unless ``label_strategy`` says otherwise),
+    then the image alone. Other arguments: those of :class:`~lightning_gi.attacks.base.GradientInversionAttack`."""
 
-    def __init__(
-        self,
-        optimizer: OptimizerCallable = _default_lbfgs,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
-        label_strategy: Optional[LabelStrategy] = None,
-        init: str = "randn",
-        seed: int = 0,
-        steps_per_call: int = 1,
-        compile: bool = False,
-    ) -> None:
-        super().__init__(
-            optimizer,
-            lr_scheduler,
-            label_strategy=label_strategy if label_strategy is not None else IDLGLabels(),
-            init=init,
-            seed=seed,
-            distance=squared_l2,
-            steps_per_call=steps_per_call,
-            compile=compile,
-        )
+    def __init__(self, label_strategy: Optional[LabelStrategy] = None, **kwargs: Any) -> None:
+        super().__init__(label_strategy=label_strategy if label_strategy is not None else IDLGLabels(), **kwargs)

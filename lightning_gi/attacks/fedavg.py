@@ -16,43 +16,34 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
-
-from ..labels import LabelStrategy
-from .base import _default_lbfgs
+from ..client import ThreatModel
 from .dlg import DLG, IDLG
 from .label_slots import LABEL_ASSIGNMENTS, LabelAssignment, LabelSlotSearch, assignment_key, slot_classes
 
 
 class FedAvgIDLG(IDLG):
-    """iDLG against a FedAvg update (or an aggregate of clients): label rule on the pseudo-gradient, the
-    label-to-slot assignment chosen by the matching distance, then the images alone, matching the unrolled
-    local training. Arguments: :class:`IDLG`'s, the threat model's hyperparameters (None: from the observation's
-    metadata) and :class:`~lightning_gi.attacks.label_slots.LabelSlotSearch`'s (``label_assignment`` is its mode)."""
+    """iDLG against a FedAvg update (or an aggregate of clients) whose observation may lack the threat model.
+
+    Args:
+        threat_model: how the update was produced (``lightning_gi.client.ThreatModel``: ``threat_model``,
+            ``local_steps``, ``local_lr``, ``local_batch_size`` (null: the whole client batch each step),
+            ``client_batch_sizes``, ``aggregation``); None: read from the observation's metadata.
+        label_assignment, assignment_steps, assignment_rounds, max_assignments: the label-to-slot search
+            (:class:`~lightning_gi.attacks.label_slots.LabelSlotSearch`: its mode, steps, rounds, max_assignments).
+        Other arguments: :class:`IDLG`'s.
+    """
 
     def __init__(
         self,
-        optimizer: OptimizerCallable = _default_lbfgs,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
-        label_strategy: Optional[LabelStrategy] = None,
-        init: str = "randn",
-        seed: int = 0,
-        threat_model: Optional[str] = None,
-        local_steps: Optional[int] = None,
-        local_lr: Optional[float] = None,
-        local_batch_size: Optional[int] = None,
-        client_batch_sizes: Optional[list[int]] = None,
-        aggregation: Optional[str] = None,
+        threat_model: Optional[ThreatModel] = None,
         label_assignment: LabelAssignment = "auto",
         assignment_steps: int = 2,
         assignment_rounds: int = 4,
         max_assignments: int = 24,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler, label_strategy, init, seed)
-        self.threat_model_overrides = dict(
-            threat_model=threat_model, local_steps=local_steps, local_lr=local_lr, local_batch_size=local_batch_size,
-            client_batch_sizes=client_batch_sizes, aggregation=aggregation,
-        )
+        super().__init__(**kwargs)
+        self.threat_model_given = threat_model
         self.label_slots = LabelSlotSearch(label_assignment, assignment_steps, assignment_rounds, max_assignments)
 
     @property
@@ -62,27 +53,16 @@ class FedAvgIDLG(IDLG):
 
 
 class FedAvgDLG(DLG):
-    """DLG against a FedAvg update: images and per-slot label logits jointly, matching the unrolled local
-    training (each slot's soft label is its own unknown, so no label-to-slot search is needed)."""
+    """DLG against a FedAvg update whose observation may lack the threat model: images and per-slot label logits
+    jointly (each slot's soft label is its own unknown, so no label-to-slot search is needed).
 
-    def __init__(
-        self,
-        optimizer: OptimizerCallable = _default_lbfgs,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
-        init: str = "randn",
-        seed: int = 0,
-        threat_model: Optional[str] = None,
-        local_steps: Optional[int] = None,
-        local_lr: Optional[float] = None,
-        local_batch_size: Optional[int] = None,
-        client_batch_sizes: Optional[list[int]] = None,
-        aggregation: Optional[str] = None,
-    ) -> None:
-        super().__init__(optimizer, lr_scheduler, init, seed)
-        self.threat_model_overrides = dict(
-            threat_model=threat_model, local_steps=local_steps, local_lr=local_lr, local_batch_size=local_batch_size,
-            client_batch_sizes=client_batch_sizes, aggregation=aggregation,
-        )
+    Args:
+        threat_model: as :class:`FedAvgIDLG`'s. Other arguments: :class:`DLG`'s.
+    """
+
+    def __init__(self, threat_model: Optional[ThreatModel] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.threat_model_given = threat_model
 
 
 __all__ = ["FedAvgDLG", "FedAvgIDLG", "LABEL_ASSIGNMENTS", "LabelAssignment", "assignment_key", "slot_classes"]

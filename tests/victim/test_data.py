@@ -357,7 +357,7 @@ def test_auxiliary_statistics_and_calibration_read_the_public_pool_only():
 
 
 # ------------------------------------------------------------------------ victims with fewer classes (14.6)
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("label_mode", ["unique", "repeated", "random"])

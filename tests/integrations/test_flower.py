@@ -31,7 +31,7 @@ from lightning_gi.objectives.priors import BNStatisticsPrior
 from lightning_gi.observation import GradientObservation, ObservationError
 from lightning_gi.victim.datamodule import ObservationFileVictim
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 14
 
 

@@ -13,7 +13,7 @@ from lightning_gi.metrics import per_image_scores
 from lightning_gi.objectives import WassersteinDistance, squared_l2
 from lightning_gi.victim import FedSGDVictim, LeNet
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def tiny_victim(size: int = 8, batch_size: int = 1, seed: int = 0) -> FedSGDVictim:

@@ -28,6 +28,7 @@ from lightning_gi.victim import (
 from lightning_gi.victim.data import build_dataset, select_batch
 from lightning_gi.victim.defenses import GaussianNoise, TopKPruning
 from lightning_gi.victim.models import reinitialise
+from factories import photos
 
 SIZE = 16
 SHAPE = (3, SIZE, SIZE)
@@ -45,11 +46,6 @@ def _pooled_model() -> torch.nn.Module:
 
 def _normalise(images: torch.Tensor) -> torch.Tensor:
     return (images - torch.tensor(MEAN).view(-1, 1, 1)) / torch.tensor(STD).view(-1, 1, 1)
-
-
-def _photos(n: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels, _ = select_batch(build_dataset("photographs", image_size=SIZE, channels=3), n, seed=seed)
-    return images, labels
 
 
 def _autograd_gradient(model, inputs, labels):
@@ -73,7 +69,7 @@ def test_dataset_images_give_the_fedsgd_gradient_of_the_seeded_batch():
     defenses = [TopKPruning(prune_ratio=0.5), GaussianNoise(std=1e-3, seed=4)]
     dm = Victim(_model(), source=DatasetImages("photographs", batch_size=3, batch_seed=3), image_shape=SHAPE,
                 mean=MEAN, std=STD, defenses=defenses, share_labels=True)
-    images, labels = _photos(3)
+    images, labels = photos(3, size=SIZE, seed=3)
     truth = dm.ground_truth()
     assert torch.equal(truth.images, images) and torch.equal(truth.labels, labels)
     expected = apply_defenses(defenses, _autograd_gradient(_model(), _normalise(images), labels), client_index=0)
@@ -94,7 +90,7 @@ def test_dataset_images_batch_size_is_per_client_under_fedavg():
     noise = [GaussianNoise(std=1e-3, seed=9)]
     dm = Victim(_model(), source=DatasetImages(batch_size=2, batch_seed=3), image_shape=SHAPE, mean=MEAN, std=STD,
                 client=client, num_clients=2, aggregation="sum", defenses=noise)
-    images, labels = _photos(4)  # two clients of 2: one select_batch draw of 4
+    images, labels = photos(4, size=SIZE, seed=3)  # two clients of 2: one select_batch draw of 4
     assert torch.equal(dm.ground_truth().images, images)
     x = _normalise(images)
     expected = None
@@ -111,7 +107,7 @@ def test_dataset_images_batch_size_is_per_client_under_fedavg():
 
 
 def test_tensor_images_are_fed_as_given_by_default():
-    images, labels = _photos(2)
+    images, labels = photos(2, size=SIZE, seed=3)
     dm = Victim(_model(), source=TensorImages(images, labels))
     assert dm.image_shape == SHAPE and torch.all(dm.mean == 0) and torch.all(dm.std == 1)
     _assert_same(dm.observation.gradients, _autograd_gradient(_model(), images, labels))
@@ -156,7 +152,7 @@ def test_the_attack_never_sees_the_ground_truth():
 
 # ------------------------------------------------------------------------------- compatibility names
 def test_compatibility_names_build_a_victim_with_the_right_source(tmp_path):
-    images, labels = _photos(2)
+    images, labels = photos(2, size=SIZE, seed=3)
     torch.save(GradientObservation(_autograd_gradient(_model(), images, labels), 2).to_dict(), tmp_path / "obs.pt")
     built = {
         FedSGDVictim(_model(), batch_size=2, image_shape=SHAPE): DatasetImages,
@@ -198,7 +194,7 @@ def test_the_cli_parser_builds_victim_and_the_old_names():
 
 # ------------------------------------------------------------------------------- bad combinations
 def test_bad_combinations_are_refused_in_one_sentence(tmp_path):
-    images, labels = _photos(3)
+    images, labels = photos(3, size=SIZE, seed=3)
     obs_path = str(tmp_path / "obs.pt")
     cases = [
         (lambda: Victim(_model(), source=ObservationFile(obs_path), image_shape=SHAPE, num_clients=2,

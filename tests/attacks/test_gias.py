@@ -15,7 +15,7 @@ from lightning_gi.labels import SharedLabels
 from lightning_gi.victim import GradientTasks, TensorBatchVictim
 from lightning_gi.victim.models import LeNet
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_dcgan(seed: int = 0) -> DCGANGenerator:

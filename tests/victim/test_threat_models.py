@@ -29,25 +29,10 @@ from lightning_gi.victim.threat_models import (
     simulate_shared_update,
     unrolled_update,
 )
+from lightning_gi.client import ThreatModel
+from factories import lean_trainer, lenet, photos
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _photos(n, size=32, seed=0):
-    ds = build_dataset("photographs", image_size=size, channels=3)
-    images, labels, _ = select_batch(ds, n, seed=seed)
-    return images, labels
-
-
-def _lenet(size=32, seed=0):
-    return reinitialise(LeNet(num_classes=10, image_size=size), seed)
-
-
-def _trainer(steps, tmp_path):
-    return pl.Trainer(
-        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=str(tmp_path),
-    )
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _manual_sgd(model, images, labels, steps, lr, per_step=None):
@@ -65,8 +50,8 @@ def _manual_sgd(model, images, labels, steps, lr, per_step=None):
 
 # ------------------------------------------------------------------------------- the unrolled update
 def test_one_local_step_is_minus_lr_times_the_fedsgd_gradient():
-    model = _lenet()
-    images, labels = _photos(4)
+    model = lenet(size=32)
+    images, labels = photos(4, size=32)
     grads = client_gradients(model, images, labels)
     update, _ = unrolled_update(model, images, labels, local_steps=1, local_lr=0.1)
     for u, g in zip(update, grads):
@@ -80,8 +65,8 @@ def test_one_local_step_is_minus_lr_times_the_fedsgd_gradient():
 
 @pytest.mark.parametrize("steps,per_step", [(3, None), (5, 1), (4, 3)])
 def test_unrolled_update_equals_torch_sgd(steps, per_step):
-    model = _lenet()
-    images, labels = _photos(4)
+    model = lenet(size=32)
+    images, labels = photos(4, size=32)
     before = [p.detach().clone() for p in model.parameters()]
     update, _ = unrolled_update(model, images, labels, steps, 0.05, per_step)
     reference = _manual_sgd(model, images, labels, steps, 0.05, per_step)
@@ -91,10 +76,10 @@ def test_unrolled_update_equals_torch_sgd(steps, per_step):
 
 
 def test_attacker_simulation_is_differentiable_and_equals_the_client():
-    model = _lenet()
+    model = lenet(size=32)
     for p in model.parameters():
         p.requires_grad_(True)
-    images, labels = _photos(2)
+    images, labels = photos(2, size=32)
     spec = UpdateSpec("fedavg", local_steps=3, local_lr=0.1, local_batch_size=1)
     client, _ = FedAvgClient(3, 0.1, 1).compute(model, images, labels)
     x = images.clone().requires_grad_(True)
@@ -108,7 +93,7 @@ def test_attacker_simulation_is_differentiable_and_equals_the_client():
 def test_train_mode_batchnorm_buffers_are_simulated_not_mutated():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sigmoid(), nn.Flatten(), nn.Linear(4 * 14 * 14, 10))
     net.train()
-    images, labels = _photos(4, size=16)
+    images, labels = photos(4, size=16)
     running = net[1].running_mean.clone()
     update, buffers = FedAvgClient(2, 0.1).compute(net, images, labels)
     assert torch.equal(net[1].running_mean, running)  # the victim model is not modified
@@ -122,8 +107,8 @@ def test_train_mode_batchnorm_buffers_are_simulated_not_mutated():
 
 # ------------------------------------------------------------------------------- the DataModule
 def test_aggregated_fedsgd_clients_mean_and_sum():
-    model = _lenet()
-    images, labels = _photos(4)
+    model = lenet(size=32)
+    images, labels = photos(4, size=32)
     full = client_gradients(model, images, labels)
     mean_obs = ThreatModelVictim.from_tensors(model, images, labels, num_clients=2, aggregation="mean").observation
     sum_obs = ThreatModelVictim.from_tensors(model, images, labels, num_clients=2, aggregation="sum").observation
@@ -135,8 +120,8 @@ def test_aggregated_fedsgd_clients_mean_and_sum():
 
 
 def test_fedavg_metadata_round_trips_through_the_file(tmp_path):
-    model = _lenet()
-    images, labels = _photos(4)
+    model = lenet(size=32)
+    images, labels = photos(4, size=32)
     dm = ThreatModelVictim.from_tensors(
         model, images, labels, client=FedAvgClient(local_steps=3, local_lr=0.05, local_batch_size=2),
         num_clients=2, aggregation="sum", share_labels=True, save_observation=str(tmp_path / "obs.pt"),
@@ -153,8 +138,8 @@ def test_fedavg_metadata_round_trips_through_the_file(tmp_path):
 
 
 def test_what_is_shared_options():
-    model = _lenet()
-    images, labels = _photos(4)
+    model = lenet(size=32)
+    images, labels = photos(4, size=32)
     hidden = ThreatModelVictim.from_tensors(model, images, labels, share_num_data_points=False, assumed_batch_size=2)
     obs = hidden.observation
     assert obs.batch_size == 2 and "client_batch_sizes" not in obs.metadata and obs.labels is None
@@ -165,8 +150,8 @@ def test_what_is_shared_options():
 
 
 def test_defenses_draw_independent_noise_per_client():
-    model = _lenet()
-    images, labels = _photos(2)
+    model = lenet(size=32)
+    images, labels = photos(2, size=32)
     clean = ThreatModelVictim.from_tensors(model, images, labels, num_clients=2, aggregation="sum").observation
     noisy = ThreatModelVictim.from_tensors(
         model, images, labels, num_clients=2, aggregation="sum", defenses=[GaussianNoise(std=0.1, seed=0)]
@@ -178,15 +163,15 @@ def test_defenses_draw_independent_noise_per_client():
 
 def test_dpsgd_client_in_the_datamodule_records_epsilon():
     pytest.importorskip("opacus")
-    model = _lenet()
-    images, labels = _photos(2)
+    model = lenet(size=32)
+    images, labels = photos(2, size=32)
     obs = ThreatModelVictim.from_tensors(model, images, labels, client=DPSGDClient(1.0, 1.0, seed=0)).observation
     assert obs.metadata["threat_model"] == "dpsgd" and obs.metadata["dp_epsilon"] == pytest.approx(4.7285, rel=1e-3)
 
 
 def test_bad_threat_model_parameters_fail_clearly():
-    model = _lenet()
-    images, labels = _photos(2)
+    model = lenet(size=32)
+    images, labels = photos(2, size=32)
     with pytest.raises(ValueError, match="local_steps must be an int >= 1"):
         FedAvgClient(local_steps=0)
     with pytest.raises(ValueError, match="local_lr must be > 0"):
@@ -210,8 +195,8 @@ def _bound_attack(attack, dm):
 
 
 def test_attack_matches_exactly_at_the_true_batch():
-    model = _lenet(size=16)
-    images, labels = _photos(4, size=16)
+    model = lenet(size=16)
+    images, labels = photos(4, size=16)
     dm = ThreatModelVictim.from_tensors(
         model, images, labels, client=FedAvgClient(3, 0.1, 1), num_clients=2, aggregation="sum"
     )
@@ -228,12 +213,12 @@ def test_attack_matches_exactly_at_the_true_batch():
 
 
 def test_explicit_hyperparameters_for_an_observation_without_metadata():
-    model = _lenet(size=16)
-    images, labels = _photos(2, size=16)
+    model = lenet(size=16)
+    images, labels = photos(2, size=16)
     update, _ = unrolled_update(model, images, labels, 2, 0.1)
     obs = GradientObservation(gradients=update, batch_size=2)
     inputs = AttackInputs(model, obs, (3, 16, 16), torch.zeros(3, 1, 1), torch.ones(3, 1, 1), 10)
-    attack = FedAvgIDLG(threat_model="fedavg", local_steps=2, local_lr=0.1).bind(inputs)
+    attack = FedAvgIDLG(threat_model=ThreatModel("fedavg", local_steps=2, local_lr=0.1)).bind(inputs)
     assert sorted(attack.labels.tolist()) == sorted(labels.tolist())  # iDLG rule on the pseudo-gradient
     with torch.enable_grad():
         assert attack.matching_distance(attack.victim_gradients(images, labels)).item() < 1e-10
@@ -246,11 +231,11 @@ def _psnr(images, truth):
 
 
 def test_fedavg_attack_recovers_a_single_client(tmp_path):
-    model = _lenet(size=16)
-    images, labels = _photos(1, size=16)
+    model = lenet(size=16)
+    images, labels = photos(1, size=16)
     dm = ThreatModelVictim.from_tensors(model, images, labels, client=FedAvgClient(local_steps=3, local_lr=0.1))
     attack = FedAvgIDLG(seed=0)
-    _trainer(20, tmp_path).fit(attack, datamodule=dm)
+    lean_trainer(20, tmp_path).fit(attack, datamodule=dm)
     rec = attack.reconstruction()
     start = dm.attack_inputs().to_image_space(attack.initial_images(torch.Generator().manual_seed(0))).clamp(0, 1)
     assert rec["labels"].tolist() == labels.tolist()
@@ -258,13 +243,13 @@ def test_fedavg_attack_recovers_a_single_client(tmp_path):
 
 
 def test_fedavg_attack_on_two_aggregated_clients(tmp_path):
-    model = _lenet(size=16)
-    images, labels = _photos(2, size=16)
+    model = lenet(size=16)
+    images, labels = photos(2, size=16)
     dm = ThreatModelVictim.from_tensors(
         model, images, labels, client=FedAvgClient(local_steps=2, local_lr=0.1), num_clients=2, aggregation="mean"
     )
     attack = FedAvgIDLG(seed=0)
-    _trainer(20, tmp_path).fit(attack, datamodule=dm)
+    lean_trainer(20, tmp_path).fit(attack, datamodule=dm)
     rec = attack.reconstruction()
     start = dm.attack_inputs().to_image_space(attack.initial_images(torch.Generator().manual_seed(0))).clamp(0, 1)
     assert sorted(rec["labels"].tolist()) == sorted(labels.tolist())
@@ -272,11 +257,11 @@ def test_fedavg_attack_on_two_aggregated_clients(tmp_path):
 
 
 def test_fedavg_dlg_runs_with_soft_labels(tmp_path):
-    model = _lenet(size=16)
-    images, labels = _photos(1, size=16)
+    model = lenet(size=16)
+    images, labels = photos(1, size=16)
     dm = ThreatModelVictim.from_tensors(model, images, labels, client=FedAvgClient(local_steps=2, local_lr=0.1))
     attack = FedAvgDLG(seed=0)
-    _trainer(3, tmp_path).fit(attack, datamodule=dm)
+    lean_trainer(3, tmp_path).fit(attack, datamodule=dm)
     assert attack.reconstruction()["images"].shape == (1, 3, 16, 16)
 
 
@@ -307,8 +292,8 @@ def test_configs_run_as_is(tmp_path, config):
 
 
 def test_fedsgd_client_matches_client_gradients():
-    model = _lenet()
-    images, labels = _photos(2)
+    model = lenet(size=32)
+    images, labels = photos(2, size=32)
     for a, b in zip(FedSGDClient()(model, images, labels), client_gradients(model, images, labels)):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
 
@@ -316,8 +301,8 @@ def test_fedsgd_client_matches_client_gradients():
 def test_one_fedsgd_client_equals_the_foundation_capture():
     from lightning_gi.observation import capture_observation
 
-    model = _lenet()
-    images, labels = _photos(2)
+    model = lenet(size=32)
+    images, labels = photos(2, size=32)
     defenses = [GaussianNoise(std=1e-2, seed=5)]
     ours = ThreatModelVictim.from_tensors(model, images, labels, defenses=defenses).observation
     ref = capture_observation(model, images, labels, defenses=defenses)
@@ -348,8 +333,8 @@ def test_every_attack_matches_a_fedavg_update_through_the_one_client_simulation(
     observation's metadata: at the true batch their matching distance is ~0, at their random start it is not."""
     from lightning_gi.attacks import DLG, IDLG, InvertingGradients
 
-    model = _lenet(size=16)
-    images, labels = _photos(2, size=16)
+    model = lenet(size=16)
+    images, labels = photos(2, size=16)
     dm = ThreatModelVictim.from_tensors(model, images, labels, client=FedAvgClient(3, 0.1, 1), share_labels=True)
     dm.setup()
     for attack in (IDLG(label_strategy=SharedLabels()), InvertingGradients(label_strategy=SharedLabels(), restarts=1), DLG()):
@@ -366,8 +351,8 @@ def test_every_attack_matches_a_fedavg_update_through_the_one_client_simulation(
 def test_fedsgd_observation_keeps_the_single_gradient_fast_path():
     from lightning_gi.attacks import IDLG
 
-    model = _lenet(size=16)
-    images, labels = _photos(2, size=16)
+    model = lenet(size=16)
+    images, labels = photos(2, size=16)
     dm = ThreatModelVictim.from_tensors(model, images, labels)
     dm.setup()
     attack = IDLG().bind(dm.attack_inputs())

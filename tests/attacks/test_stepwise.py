@@ -198,7 +198,7 @@ def test_configs_recipe_needs_checkpoint_and_demo_parses(capsys, tmp_path, monke
 
     from lightning_gi.cli import main
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(tmp_path)
     with pytest.raises((SystemExit, ValueError)) as err:  # jsonargparse wraps the MissingCheckpointError
         main(["fit", "--config", str(root / "configs/stepwise_resnet34_imagenet.yaml"), "--trainer.max_steps=1"])

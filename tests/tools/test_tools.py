@@ -2,31 +2,17 @@
 typed `--help`, one-sentence errors with exit status 2; tiny settings so that each run takes seconds."""
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from lightning_gi.cli import main
+from factories import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 AUX_TINY = ["--model", "resnet18", "--num_classes", "20", "--model_seed", "0", "--image_size", "32", "--count", "6", "--positions", "4"]
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `lightning-gi argv` run in this process."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def _giml_config(tmp_path: Path) -> Path:

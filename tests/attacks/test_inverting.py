@@ -16,7 +16,7 @@ from lightning_gi.metrics import per_image_scores
 from lightning_gi.objectives import BNStatisticsPrior, CosineDistance, TotalVariation
 from lightning_gi.victim import FedSGDVictim, LeNet, TensorBatchVictim
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CIFAR_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR_STD = [0.2470, 0.2435, 0.2616]
 
