@@ -16,13 +16,14 @@ It loads with ``torch.load(weights_only=True)``: no code in the file is ever exe
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .files import save_atomic
 
 FORMAT_VERSION = 2
 """Newest version; a file without ``buffers`` is still written as version 1 (readable by older releases)."""
@@ -332,21 +333,6 @@ def load_ground_truth(
             f"ground-truth file {path}: labels {labels.tolist()} outside [0, {num_classes if num_classes is not None else 'inf'})"
         )
     return images.float(), labels
-
-
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same directory, then rename over ``path``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 GradientDefense = Callable[[list[Tensor]], list[Tensor]]

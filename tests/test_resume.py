@@ -110,7 +110,7 @@ def test_a_signal_stops_the_run_with_a_non_zero_status_and_a_checkpoint(tmp_path
 
 
 def test_atomic_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    from lightning_gi.callbacks import checkpointing
+    from lightning_gi import files
     from lightning_gi.callbacks.checkpointing import AtomicCheckpointIO
 
     io_plugin = AtomicCheckpointIO()
@@ -120,7 +120,7 @@ def test_atomic_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def disk_full(fd):  # the data was written, the disk fills up before it is on disk
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpointing.os, "fsync", disk_full)
+    monkeypatch.setattr(files.os, "fsync", disk_full)  # the one atomic writer (lightning_gi/files.py)
     with pytest.raises(OSError, match="No space left"):
         io_plugin.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "global_step": 60}, target)
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]

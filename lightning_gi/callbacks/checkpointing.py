@@ -11,31 +11,13 @@ with ``--ckpt_path <run dir>/checkpoints/last.ckpt``.
 from __future__ import annotations
 
 import io
-import os
 from typing import Any, Optional
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-PARTIAL_MARK = ".partial-"
-
-
-def write_atomic(data: bytes, path: str | os.PathLike) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}{PARTIAL_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+from ..files import PARTIAL_MARK, write_atomic  # noqa: F401 (the one atomic writer; PARTIAL_MARK re-exported)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import CorruptCheckpointError, resolve_checkpoint
+from ..files import save_atomic
 from .dcgan import DCGANGenerator
 from .loaders import filter_state_dict, load_stylegan2_pkl, read_generator_file
 from .stylegan2 import StyleGAN2Generator
@@ -280,8 +281,5 @@ def save_generator(model: nn.Module, path: str | os.PathLike, name: Optional[str
         raise TypeError(f"save_generator supports {sorted(ARCHITECTURES)}, got {type(model).__name__}")
     spec = {"architecture": architecture, "kwargs": dict(getattr(model, "init_kwargs", {})), "name": name or architecture}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "generator": spec}, tmp)
-    os.replace(tmp, path)
+    save_atomic({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "generator": spec}, path)
     return path

@@ -75,10 +75,12 @@ class AuxiliaryStats:
 
 
 def _last_linear(model: nn.Module) -> nn.Linear:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    from ..victim.models import classifier_head
+
+    head = classifier_head(model)
+    if head is None:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer: no penultimate features to read")
-    return linears[-1]
+    return head[1]
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from ..client import AGGREGATIONS, Aggregation, ClientUpdate, FedSGDClient, simu
 from ..observation import GradientObservation
 from .data import LabelMode, is_bundled
 from .defenses import Defense
-from .models import load_weights, reinitialise
+from .models import classifier_head, load_weights, reinitialise
 from .sources import BatchSource, DatasetImages, ObservationFile, TensorImages, VictimSource
 
 
@@ -147,8 +147,9 @@ def normalization_from_metadata(metadata: Mapping[str, Any], channels: int) -> O
 
 
 def infer_num_classes(model: nn.Module) -> Optional[int]:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
+    """The classifier head's width (:func:`~lightning_gi.victim.models.classifier_head`), None without one."""
+    head = classifier_head(model)
+    return head[1].out_features if head is not None else None
 
 
 

@@ -17,6 +17,16 @@ from torch import nn
 from ..checkpoints import CorruptCheckpointError, load_state_dict_file
 
 
+def classifier_head(model: nn.Module) -> Optional[tuple[str, nn.Linear]]:
+    """``(name, module)`` of the model's last ``nn.Linear`` (the classifier head whose gradient rows label rules
+    read and whose width is the number of classes), or None when the model has no linear layer."""
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found = (name, module)
+    return found
+
+
 class LeNet(nn.Module):
     """The sigmoid LeNet of DLG (Zhu et al. 2019) and iDLG (Zhao et al. 2020).
 
@@ -167,10 +177,10 @@ def _torchvision_builder(model: nn.Module) -> Optional[tuple[Callable[..., nn.Mo
         return None
     import torchvision
 
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    head = classifier_head(model)
+    if head is None:
         return None
-    num_classes = linears[-1].out_features
+    num_classes = head[1].out_features
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with torch.random.fork_rng(devices=[]):
         for name in torchvision.models.list_models(module=torchvision.models):
@@ -285,10 +295,10 @@ def torchvision_classifier(
 
 def _head_keys(model: nn.Module) -> set[str]:
     """State-dict keys of the classifier head (the last nn.Linear)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
+    head = classifier_head(model)
+    if head is None:
         raise ValueError(f"cannot find the classifier head of {type(model).__name__}")
-    return {f"{names[-1]}.weight", f"{names[-1]}.bias"}
+    return {f"{head[0]}.weight", f"{head[0]}.bias"}
 
 
 _FAN_OUT_FAMILIES = ("resnet", "resnext", "wide_resnet", "vgg", "mobilenet", "efficientnet", "mnasnet", "regnet")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..observation import capture_observation
-from .datamodule import AttackInputs, GroundTruth
+from .datamodule import AttackInputs, GroundTruth, infer_num_classes
 from .defenses import Defense
 from .models import reinitialise
 
@@ -115,8 +115,7 @@ class GradientTasks(pl.LightningDataModule):
         self._victim_initialised = False
         self.crops_per_photo, self.crop_seed = int(crops_per_photo), int(crop_seed)
         self.share_labels, self.defenses, self.label_mode = bool(share_labels), list(defenses or []), label_mode
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        self.num_classes = linears[-1].out_features if linears else None
+        self.num_classes = infer_num_classes(model)
         self._dataset = None
 
     def setup(self, stage: Optional[str] = None) -> None:
