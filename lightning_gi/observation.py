@@ -240,6 +240,34 @@ class GradientObservation:
             raise ObservationError(f"{path}: {err}") from None
 
 
+# ---------------------------------------------------------------------------------------------- next to the observation
+@dataclass
+class GroundTruth:
+    """The private batch (images in [0,1] image space, labels). Never shown to an attack."""
+
+    images: Tensor
+    labels: Tensor
+
+
+@dataclass
+class AttackInputs:
+    """Everything an attack may use: what an honest-but-curious server has."""
+
+    model: nn.Module
+    observation: GradientObservation
+    image_shape: tuple[int, int, int]
+    mean: Tensor  # [C,1,1], the victim's input normalisation
+    std: Tensor
+    num_classes: int
+
+    def to_image_space(self, x: Tensor) -> Tensor:
+        """Undo the victim's normalisation: model input -> [0,1]-range image (not clamped)."""
+        return x * self.std.to(x) + self.mean.to(x)
+
+    def to_input_space(self, images: Tensor) -> Tensor:
+        return (images - self.mean.to(images)) / self.std.to(images)
+
+
 def read_torch_file(path: str | os.PathLike, what: str) -> Any:
     """``torch.load(weights_only=True)`` with every failure as one :class:`ObservationError` sentence.
 

@@ -23,7 +23,6 @@ old arguments to a source and builds a :class:`Victim`. ``VictimDataModule`` is 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
@@ -32,38 +31,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..client import AGGREGATIONS, Aggregation, ClientUpdate, FedSGDClient, simulate_clients
-from ..observation import GradientObservation
+from ..observation import AttackInputs, GradientObservation, GroundTruth  # re-exported: they sit next to the observation
 from .data import LabelMode, is_bundled
 from .defenses import Defense
 from .models import classifier_head, load_weights, reinitialise
 from .sources import BatchSource, DatasetImages, ObservationFile, TensorImages, VictimSource
-
-
-@dataclass
-class GroundTruth:
-    """The private batch (images in [0,1] image space, labels). Never shown to an attack."""
-
-    images: Tensor
-    labels: Tensor
-
-
-@dataclass
-class AttackInputs:
-    """Everything an attack may use: what an honest-but-curious server has."""
-
-    model: nn.Module
-    observation: GradientObservation
-    image_shape: tuple[int, int, int]
-    mean: Tensor  # [C,1,1], the victim's input normalisation
-    std: Tensor
-    num_classes: int
-
-    def to_image_space(self, x: Tensor) -> Tensor:
-        """Undo the victim's normalisation: model input -> [0,1]-range image (not clamped)."""
-        return x * self.std.to(x) + self.mean.to(x)
-
-    def to_input_space(self, images: Tensor) -> Tensor:
-        return (images - self.mean.to(images)) / self.std.to(images)
 
 
 class _Steps(IterableDataset):
