@@ -115,7 +115,7 @@ def train_victim(model, train: Items, steps: int, lr: float, norm, seed: int) ->
         loss.backward()
         opt.step()
     model.eval()
-    return {"final_train_loss": float(loss)}
+    return {"final_train_loss": float(loss.detach())}
 
 
 def make_strategy(name: str, size: int, norm):
@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--states", nargs="+", default=["untrained", "early", "converged"])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--min-batch", type=int, default=1, help="skip the cases with a smaller batch")
     parser.add_argument("--num-classes", type=int, default=100)
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
     parser.add_argument("--early-steps", type=int, default=200)
@@ -210,7 +211,7 @@ def main() -> None:
         args.victims = [v for v in args.victims if v in ("lenet32", "resnet18_32")] or ["resnet18_32"]
         args.seeds = min(args.seeds, 3)
         args.converged_steps = min(args.converged_steps, 600)
-    args.cases = [c for c in CASES if c[0] <= args.max_batch]
+    args.cases = [c for c in CASES if args.min_batch <= c[0] <= args.max_batch]
     single_thread()
     results: list[dict[str, Any]] = []
     training: dict[str, Any] = {}

@@ -18,7 +18,10 @@ exactly; what is unknown is ``S_c``, the batch sum of the predicted probability 
 
       sum_j n_j (p_hat_j[i] - delta_ij) = g_i  (i = 1..C),      sum_j n_j = N,
 
-  solved by least squares (pseudo-inverse), then rounded with the sum fixed to ``N``.
+  solved by least squares (pseudo-inverse), then rounded with the sum fixed to ``N``. The row of a class
+  the victim predicts for much of the batch is the least exact (``p_hat_j`` is the softmax of a mean
+  embedding, not the mean of the samples' softmaxes, so its error is a fraction of ``S_c``): the
+  rounding lets those classes absorb the leftover units (:meth:`ILRG.uncertainty`).
 
 Both need a bias in the victim's last (linear) layer.
 """
@@ -39,32 +42,40 @@ log = logging.getLogger("lightning_gi.labels")
 __all__ = ["round_counts", "counts_to_label_vector", "BiasCounts", "ILRG"]
 
 
-def round_counts(x: np.ndarray | Tensor, total: int) -> np.ndarray:
-    """Non-negative integer counts closest to ``x`` with ``sum == total`` (largest-remainder rounding).
+def round_counts(x: np.ndarray | Tensor, total: int, scale: Optional[np.ndarray | Tensor] = None) -> np.ndarray:
+    """Non-negative integer counts closest to ``x`` with ``sum == total``.
 
-    Negative entries are clipped to 0; the floors are taken, then the missing units go to the entries
-    with the largest fractional parts (or, if the floors already exceed ``total``, units are removed
-    from the non-zero entries with the smallest fractional parts).
+    Minimises ``sum_c ((k_c - x_c) / scale_c)^2`` over non-negative integers ``k`` summing to ``total``
+    (negative entries of ``x`` act as 0). Each entry starts at its nearest integer; the missing (or extra)
+    units then go to (come from) the entries where that costs least. ``scale`` is the uncertainty of each
+    entry: an uncertain entry absorbs the rounding before a precise one. Without ``scale`` (all equal)
+    this is largest-remainder rounding.
     """
     v = np.clip(np.asarray(x, dtype=np.float64).reshape(-1), 0.0, None)
     if total < 0:
         raise ValueError(f"total must be >= 0, got {total}")
     if v.size == 0:
         raise ValueError("need at least one class to round counts over")
-    base = np.floor(v).astype(np.int64)
-    frac = v - base
-    missing = int(total - base.sum())
-    if missing > 0:
-        order = np.argsort(-frac, kind="stable")
-        for k in range(missing):
-            base[order[k % v.size]] += 1
+    if scale is None:
+        weight = np.ones_like(v)
+    else:
+        sigma = np.asarray(scale, dtype=np.float64).reshape(-1)
+        if sigma.shape != v.shape or not (np.isfinite(sigma).all() and (sigma > 0).all()):
+            raise ValueError(f"scale must hold {v.size} finite positive values, one per entry of x")
+        weight = 1.0 / sigma**2
+    k = np.floor(v + 0.5).astype(np.int64)
+    missing = int(total - k.sum())
+    # the cost of one more (one fewer) unit at c is weight_c * (1 +/- 2 (k_c - x_c)): convex, so greedy is optimal
+    while missing > 0:
+        c = int(np.argmin(weight * (1.0 + 2.0 * (k - v))))
+        k[c] += 1
+        missing -= 1
     while missing < 0:
-        candidates = np.flatnonzero(base > 0)
-        j = candidates[np.argmin(frac[candidates])]
-        base[j] -= 1
-        frac[j] = 1.0  # do not take twice from the same entry before the others
+        cost = np.where(k > 0, weight * (1.0 - 2.0 * (k - v)), np.inf)
+        c = int(np.argmin(cost))
+        k[c] -= 1
         missing += 1
-    return base
+    return k
 
 
 def counts_to_label_vector(counts: np.ndarray) -> Tensor:
@@ -122,13 +133,23 @@ class ILRG(LabelStrategy):
         refine_steps: extension, not in the paper (default 0: off). Each step re-estimates the class MEAN
             features ``mu_j`` of the present classes by least squares from
             ``S * dW = sum_j (p_hat_j - e_j) n_j mu_j^T`` (undoing the mix of members and non-members in
-            ``e_j``), sets ``p_hat_j = softmax(W mu_j + b)`` and solves for the counts again; the iterate
+            ``e_j``; rows weighted by ``1 / uncertainty``), sets ``p_hat_j = softmax(W mu_j + b)`` and
+            solves for the counts again. If the first step gives back the paper's counts, they are a fixed
+            point and are kept (the iteration can oscillate away from a right answer); otherwise the iterate
             whose rounded counts best satisfy their own system (smallest ``system_residual``) is kept.
+        rounding: "uncertainty" (default) rounds the least-squares counts with the sum fixed to ``N``,
+            letting the classes whose row of the system is least exact absorb the rounding (cost
+            ``sum_c ((k_c - x_c) / (S_c + uncertainty_floor))^2``, ``S_c = g_c + x_c`` the class's predicted
+            mass in the batch; see :meth:`uncertainty`); "largest_remainder": the paper's plain rounding,
+            which moves a unit into or out of the wrong class when one class takes most of the
+            predictions (DLG's LeNet, an untrained ResNet-34 in eval mode) at batch >= 64.
+        uncertainty_floor: the part of each class's uncertainty that does not grow with ``S_c`` (samples).
 
     Diagnostics: ``implied_counts`` (least-squares solution before rounding), ``system_residual``
     (``max_i |sum_j n_j (p_hat_j[i] - delta_ij) - g_i|`` for the rounded counts, in samples),
     ``system_residual_unrounded``, ``ill_conditioned_classes``, ``mean_p_hat_diagonal`` (the typical
-    confidence of the victim on its own class: near ``1/C`` untrained, near 1 when it has converged).
+    confidence of the victim on its own class: near ``1/C`` untrained, near 1 when it has converged),
+    ``refine_steps_run``.
     """
 
     def __init__(
@@ -136,6 +157,8 @@ class ILRG(LabelStrategy):
         loss_reduction: Optional[Literal["mean", "sum"]] = None,
         min_bias_gradient: float = 2.0,
         refine_steps: int = 0,
+        rounding: Literal["uncertainty", "largest_remainder"] = "uncertainty",
+        uncertainty_floor: float = 0.1,
     ) -> None:
         if loss_reduction not in (None, "mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or None, got {loss_reduction!r}")
@@ -143,6 +166,12 @@ class ILRG(LabelStrategy):
             raise ValueError(f"min_bias_gradient must be >= 0, got {min_bias_gradient}")
         if refine_steps < 0:
             raise ValueError(f"refine_steps must be >= 0, got {refine_steps}")
+        if rounding not in ("uncertainty", "largest_remainder"):
+            raise ValueError(f"rounding must be 'uncertainty' or 'largest_remainder', got {rounding!r}")
+        if not uncertainty_floor > 0:
+            raise ValueError(f"uncertainty_floor must be > 0, got {uncertainty_floor}")
+        self.rounding = rounding
+        self.uncertainty_floor = float(uncertainty_floor)
         self.loss_reduction = loss_reduction
         self.min_bias_gradient = float(min_bias_gradient)
         self.refine_steps = int(refine_steps)
@@ -164,15 +193,27 @@ class ILRG(LabelStrategy):
             p_hat[bad] = p_hat[~bad].mean(dim=0)
         return p_hat, bad
 
-    @staticmethod
-    def _solve(p_hat: Tensor, g: Tensor, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _solve(self, p_hat: Tensor, g: Tensor, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(system matrix ``p_hat^T - I``, least-squares counts with the sum row, rounded counts)."""
         c = g.numel()
         a = (p_hat.T - torch.eye(c, dtype=torch.float64)).numpy()
         system = np.vstack([a, np.ones((1, c))])
         rhs = np.concatenate([g.numpy(), [float(n)]])
         solution = np.linalg.pinv(system) @ rhs
-        return a, solution, round_counts(solution, n)
+        return a, solution, round_counts(solution, n, self.uncertainty(solution, g))
+
+    def uncertainty(self, solution: np.ndarray, g: Tensor) -> Optional[np.ndarray]:
+        """Per-class scale of the count error: ``S_c + floor`` (None for largest-remainder rounding).
+
+        ``S_c = g_c + n_c`` (Eq. 1), here from the unrounded counts, is the class's predicted mass in
+        the batch. Row ``c`` of the system estimates it as ``sum_j n_j p_hat_j[c]``, and ``p_hat_j`` is the
+        softmax of a MEAN embedding, not the mean of the samples' softmaxes: the error is a fraction of
+        ``S_c``. A class the victim predicts for much of the batch (DLG's LeNet or an untrained ResNet-34
+        in eval mode, one class at p ~ 0.6-0.9) carries an error of whole samples, the others almost none.
+        """
+        if self.rounding == "largest_remainder":
+            return None
+        return np.clip(g.numpy() + solution, 0.0, None) + self.uncertainty_floor
 
     @staticmethod
     def _residual(a: np.ndarray, counts: np.ndarray, g: Tensor) -> float:
@@ -186,17 +227,26 @@ class ILRG(LabelStrategy):
         p_hat, bad = self.class_probabilities(dw * scale, g, model)
         a, solution, counts = self._solve(p_hat, g, n)
         best = (self._residual(a, counts, g), a, solution, counts, p_hat)
+        refined_steps = 0
         if self.refine_steps:
             head = last_linear(model)
             weight, bias = head.weight.detach().double().cpu(), head.bias.detach().double().cpu()
             gw = (dw * scale).numpy()
-            for _ in range(self.refine_steps):
+            for step in range(self.refine_steps):
                 present = np.flatnonzero(counts > 0)
-                # S * dW = sum_j (p_hat_j - e_j) n_j mu_j^T: least-squares class means mu_j of the present classes
-                mu = np.linalg.lstsq(a[:, present] * counts[present][None, :], gw, rcond=None)[0]
+                # S * dW = sum_j (p_hat_j - e_j) n_j mu_j^T: least-squares class means mu_j of the present
+                # classes, each row weighted by 1 / its uncertainty (the much-predicted classes' rows are the
+                # least exact, see uncertainty())
+                sigma = self.uncertainty(solution, g)
+                w = np.ones(len(counts)) if sigma is None else 1.0 / sigma
+                mu = np.linalg.lstsq(w[:, None] * a[:, present] * counts[present][None, :], w[:, None] * gw, rcond=None)[0]
                 p_hat = p_hat.clone()
                 p_hat[present] = torch.softmax(torch.from_numpy(mu) @ weight.T + bias, dim=1)
+                previous = counts
                 a, solution, counts = self._solve(p_hat, g, n)
+                refined_steps = step + 1
+                if step == 0 and np.array_equal(counts, previous):
+                    break  # the paper's counts are a fixed point of the refinement: keep them
                 if self._residual(a, counts, g) < best[0]:
                     best = (self._residual(a, counts, g), a, solution, counts, p_hat)
             # the most self-consistent iterate: smallest residual of its own count system
@@ -207,5 +257,6 @@ class ILRG(LabelStrategy):
             system_residual_unrounded=float(np.abs(a @ solution - g.numpy()).max()),
             ill_conditioned_classes=[int(i) for i in torch.nonzero(bad).flatten()],
             mean_p_hat_diagonal=float(p_hat.diagonal().mean()),
+            refine_steps_run=refined_steps,
         )
         return counts_to_label_vector(counts)
