@@ -24,5 +24,5 @@ if [ "$SMOKE" = 1 ]; then
   exec "$PY" -m benchmarks.speed --suite gpu --smoke --device cpu --pairs 1 ${ARGS[@]+"${ARGS[@]}"}
 fi
 # TORCHINDUCTOR cache on disk: a second run of the suite starts compiled steps in seconds
-export TORCHINDUCTOR_FX_GRAPH_CACHE=1
+export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 exec timeout 470 "$PY" -m benchmarks.speed --suite gpu --device cuda --pairs 3 --scale 1.0 --compile ${ARGS[@]+"${ARGS[@]}"}

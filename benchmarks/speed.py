@@ -16,6 +16,9 @@ Cases (CPU suite, the default):
                           box, MultiStepLR at 3/8, 5/8, 7/8 (eager)
   restarts_r8_lenet       R=8 restarts, IG objective on LeNet 32x32: restart_mode auto vs sequential
                           (and vectorised, for information)
+  with --compile (each variant of ours timed after 2 untimed warm-up batches, where the compile falls):
+  lenet_adam_compiled     the LeNet Adam case: eager and compiled, steps_per_call 10, and compiled with 1
+  resnet18_ig_b8_compiled the ResNet-18 case: eager and compiled
 
 The GPU suite (``--suite gpu``, run by benchmarks/gpu_suite.sh) times larger cases per device with peak memory
 (see that script); ``--smoke`` shrinks every size so that the whole suite runs on a CPU in seconds.
@@ -23,7 +26,7 @@ The GPU suite (``--suite gpu``, run by benchmarks/gpu_suite.sh) times larger cas
 Loop overhead and raw throughput against a plain loop: a config cannot express the plain loop, so the attacks
 are built here. Rows of the JSON envelope: one per (case, variant of ours), with the case's plain-loop figures.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.speed [--pairs 3] [--scale 1.0] [--out speed] [--smoke]
+    OMP_NUM_THREADS=1 python -m benchmarks.speed [--pairs 3] [--scale 1.0] [--cases a,b] [--compile] [--out speed] [--smoke]
 """
 from __future__ import annotations
 
@@ -158,17 +161,20 @@ def plain_loop(
 
 # ----------------------------------------------------------------------------------------------------- our loop
 class LoopTimer:
-    """A Lightning callback (built lazily): wall time from the first training batch to the last."""
+    """A Lightning callback (built lazily): wall time from the first timed training batch to the last."""
 
     @staticmethod
     def make(device: torch.device, skip: int = 0):
         import pytorch_lightning as pl
 
         class _Timer(pl.Callback):
-            """``skip`` first batches are warm-up (a compiled step's cold compile) and not timed."""
+            """``skip`` first batches are warm-up (a compiled step's cold compile) and not timed; ``steps`` counts
+            the optimiser steps inside the timed window (several per batch under ``steps_per_call``)."""
 
             def __init__(self) -> None:
                 self.start: Optional[float] = None
+                self.start_step = 0
+                self.steps = 0
                 self.seconds = 0.0
                 self.skip = skip
 
@@ -176,25 +182,29 @@ class LoopTimer:
                 if self.start is None and batch_idx >= self.skip:
                     sync(device)
                     self.start = time.perf_counter()
+                    self.start_step = trainer.global_step
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 if self.start is not None:
                     sync(device)
                     self.seconds = time.perf_counter() - self.start
+                    self.steps = trainer.global_step - self.start_step
 
         return _Timer()
 
 
 def our_loop(attack, model, images, labels, steps: int, device: torch.device, warmup: int = 0) -> tuple[float, torch.Tensor, Any]:
-    """Seconds for ``steps`` steps through a lean Trainer; with ``warmup`` batches run first and not timed (the
-    time is scaled back to ``steps`` steps), e.g. a compiled step's cold compile."""
+    """Seconds for ``steps`` optimiser steps through a lean Trainer, and the final dummies. With ``warmup`` the
+    first ``warmup`` batches (a compiled step's cold compile and any recompile) are run but not timed, and the time
+    of the remaining steps is scaled to ``steps``: the run itself is unchanged, so its final dummies still compare
+    with the plain loop's."""
     import pytorch_lightning as pl
 
     from lightning_gi.victim import TensorBatchVictim
 
     timer = LoopTimer.make(device, skip=warmup)
-    timed_steps = steps
-    steps = steps + warmup
+    if warmup and steps <= warmup * getattr(attack, "steps_per_call", 1):
+        raise ValueError(f"{steps} steps leave nothing to time after {warmup} warm-up batches")
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
@@ -203,13 +213,20 @@ def our_loop(attack, model, images, labels, steps: int, device: torch.device, wa
         )
         trainer.fit(attack, TensorBatchVictim(model, images.cpu(), labels.cpu(), share_labels=True))
     if warmup:
-        timer.seconds *= timed_steps / max(1, steps - warmup)
+        timer.seconds *= steps / max(1, timer.steps)
     dummies = getattr(attack, "dummy_images", None)
     if isinstance(dummies, torch.Tensor) and dummies.dim() >= 4:
         dummies = dummies.detach().reshape(-1, *dummies.shape[-3:])[: images.shape[0]]
     else:
         dummies = None
     return timer.seconds, dummies, attack
+
+
+def enable_compile_cache() -> None:
+    """torch.compile's on-disk caches (inductor FX graphs and AOTAutograd): a second process starts compiled
+    steps from the cache instead of a cold compile (``TORCHINDUCTOR_CACHE_DIR`` chooses the directory)."""
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
 # ----------------------------------------------------------------------------------------------------- cases
@@ -233,8 +250,9 @@ def resnet_victim(arch: str, size: int, batch: int, device: torch.device, classe
 
 
 def alternate(name: str, pairs: int, plain: Callable[[int], tuple[float, torch.Tensor]], ours: dict[str, Callable[[int], tuple[float, torch.Tensor]]],
-              steps: int, bar: Optional[float] = None) -> dict[str, Any]:
-    """Alternate plain and every variant of ours ``pairs`` times; ratios per pair."""
+              steps: int, bar: Optional[float | dict[str, float]] = None) -> dict[str, Any]:
+    """Alternate plain and every variant of ours ``pairs`` times; ratios per pair. ``bar``: one bar for every
+    variant, or a bar per variant name (variants not named have none)."""
     plain_t: list[float] = []
     ours_t: dict[str, list[float]] = {k: [] for k in ours}
     diffs: dict[str, float] = {}
@@ -261,9 +279,10 @@ def alternate(name: str, pairs: int, plain: Callable[[int], tuple[float, torch.T
             "ratio_vs_plain": spread(ratios),
             "max_abs_diff_final_dummies_vs_plain": diffs.get(k),
         }
-        if bar is not None:
-            out["variants"][k]["bar"] = bar
-            out["variants"][k]["meets_bar"] = statistics.median(ratios) >= bar
+        b = bar.get(k) if isinstance(bar, dict) else bar
+        if b is not None:
+            out["variants"][k]["bar"] = b
+            out["variants"][k]["meets_bar"] = statistics.median(ratios) >= b
     return out
 
 
@@ -314,6 +333,25 @@ def cpu_suite(args: argparse.Namespace, device: torch.device, results: list) -> 
             {"ours_steps_per_call_1": ours_fn(1), "ours_steps_per_call_10": ours_fn(10)},
             steps, bar=0.9,
         ))
+    if args.compile and want("lenet_adam_compiled"):
+        # compiled vs eager vs plain on the LeNet Adam case; every variant of ours skips the same first 2 batches
+        # (the compile; torch's on-disk cache makes it seconds after the first process)
+        steps = max(40, int(200 * scale))
+
+        def ours_c(k: int, compile: bool):
+            return lambda r: our_loop(
+                ImagePriorAttack(optimizer=adam, seed=r, label_strategy=SharedLabels(), distance=SquaredL2Distance(),
+                                 priors=[], steps_per_call=k, compile=compile),
+                model, images, labels, steps, device, warmup=2)[:2]
+
+        results.append(alternate(
+            "lenet_adam_compiled", args.pairs,
+            lambda r: plain_loop(model, labels, targets, seed_init(images.shape, r), steps, adam, l2_match),
+            {"ours_eager_steps_per_call_10": ours_c(10, False), "ours_compiled_steps_per_call_10": ours_c(10, True),
+             "ours_compiled_steps_per_call_1": ours_c(1, True)},
+            steps, bar={"ours_eager_steps_per_call_10": 0.9, "ours_compiled_steps_per_call_10": 1.3,
+                        "ours_compiled_steps_per_call_1": 1.3},
+        ))
 
     # ResNet-18 32x32 batch 8, Inverting Gradients ------------------------------------------------------------
     if want("resnet18_ig_b8"):
@@ -330,6 +368,26 @@ def cpu_suite(args: argparse.Namespace, device: torch.device, results: list) -> 
             {"ours_eager": lambda r: our_loop(InvertingGradients(seed=r, label_strategy=SharedLabels(), distance=CosineDistance()),
                                               rmodel, rimages, rlabels, steps, device)[:2]},
             steps, bar=0.95,
+        ))
+    if args.compile and want("resnet18_ig_b8_compiled"):
+        # eager and compiled, both timed after the same 2 warm-up steps (the compile falls there)
+        steps = max(4, int(6 * scale))
+        rmodel, rimages, rlabels = resnet_victim("resnet18", 32, 8, device)
+        rtargets = target_gradients(rmodel, rimages, rlabels)
+        tsq = sum(t.pow(2).sum() for t in rtargets)
+        milestones = milestones_from_fractions([3 / 8, 5 / 8, 7 / 8], steps)
+        tv = TotalVariation(weight=1e-4)
+
+        def ig_c(compile: bool):
+            return lambda r: our_loop(InvertingGradients(seed=r, label_strategy=SharedLabels(), distance=CosineDistance(), compile=compile),
+                                      rmodel, rimages, rlabels, steps, device, warmup=2)[:2]
+
+        results.append(alternate(
+            "resnet18_ig_b8_compiled", args.pairs,
+            lambda r: plain_loop(rmodel, rlabels, rtargets, seed_init(rimages.shape, r), steps, adam, cosine_match(tsq),
+                                 prior=tv, signed=True, box=(0.0, 1.0), milestones=milestones),
+            {"ours_eager": ig_c(False), "ours_compiled": ig_c(True)},
+            steps, bar={"ours_eager": 0.95, "ours_compiled": 1.3},
         ))
 
     # R = 8 restarts on CPU: auto vs sequential (and vectorised) -------------------------------------------
@@ -420,9 +478,10 @@ def gpu_suite(args: argparse.Namespace, device: torch.device, results: list) -> 
         milestones = milestones_from_fractions([3 / 8, 5 / 8, 7 / 8], steps)
         plain = measured(device, lambda r: plain_loop(model, labels, targets, seed_init(images.shape, r), steps, adam, cosine_match(tsq),
                                                       prior=tv, signed=True, box=(0.0, 1.0), milestones=milestones, device=device))
-        ours = {"ours_eager": measured(device, lambda r: our_loop(attack_cls(seed=r, compile=False), model, images, labels, steps, device)[:2])}
-        if compile_too and with_compile:  # timed after 2 warm-up steps (the cold compile, then any recompile)
-            ours["ours_compiled"] = measured(device, lambda r: our_loop(attack_cls(seed=r, compile=True), model, images, labels, steps, device, warmup=2)[:2])
+        warm = 2 if compile_too and with_compile else 0  # eager and compiled timed after the same 2 warm-up steps
+        ours = {"ours_eager": measured(device, lambda r: our_loop(attack_cls(seed=r, compile=False), model, images, labels, steps, device, warmup=warm)[:2])}
+        if warm:  # the cold compile, then any recompile, fall in the warm-up
+            ours["ours_compiled"] = measured(device, lambda r: our_loop(attack_cls(seed=r, compile=True), model, images, labels, steps, device, warmup=warm)[:2])
         res = with_peaks(alternate(name, n_pairs or pairs, plain, ours, steps), plain, ours)
         res.update({"arch": arch, "image_size": size, "batch": batch, "device": str(device)})
         if extra_plain:
@@ -514,7 +573,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--cases", default="", help="comma-separated subset of case names")
     parser.add_argument("--device", default=None, help="gpu suite: cuda (default when available) or cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and one pair: seconds on a CPU (both suites)")
-    parser.add_argument("--compile", action="store_true", help="gpu suite: add the compiled variant (cold compile: minutes)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add the compiled variants (cpu: cases lenet_adam_compiled, resnet18_ig_b8_compiled; gpu: the last "
+                             "case); the cold compile takes minutes on a CPU, torch's on-disk cache makes later runs start in seconds")
     parser.add_argument("--out", default=None, help="<results dir>/<out>.json, or a path ending in .json (default speed / speed_gpu / speed_smoke)")
     parser.add_argument("--results-dir", default=None, help="directory of the JSON result (default $LIGHTNING_GI_BENCH_RESULTS or benchmarks/results/)")
     args = parser.parse_args(argv)
@@ -523,6 +584,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.pairs < 1:
         parser.error("--pairs must be >= 1")
     setup_threads()
+    if args.compile:
+        enable_compile_cache()
     if args.suite == "cpu":
         device, name, suite = torch.device("cpu"), args.out or "speed", cpu_suite
     else:

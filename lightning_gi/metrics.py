@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchmetrics import Metric
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from lightning_gi.checkpoints import (
     CHECKPOINTS_README,
@@ -96,6 +94,8 @@ def match_reconstructions(reconstructions: Tensor, ground_truth: Tensor) -> Tens
     Returns a LongTensor ``perm`` of length N_gt (on CPU): ``reconstructions[perm[i]]`` is assigned to
     ``ground_truth[i]``. More reconstructions than ground-truth images is allowed (extras are unused).
     """
+    from scipy.optimize import linear_sum_assignment  # imported where used (startup cost)
+
     _check_images(reconstructions, ground_truth)
     cost = _pairwise_mse(ground_truth, reconstructions).cpu().numpy()
     rows, cols = linear_sum_assignment(cost)
@@ -131,6 +131,8 @@ def per_image_scores(matched_reconstructions: Tensor, ground_truth: Tensor) -> d
             f"paired batches must have equal shapes: {tuple(matched_reconstructions.shape)} vs "
             f"{tuple(ground_truth.shape)}"
         )
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
     # float64: in float32 torchmetrics' SSIM of identical flat regions drifts from 1 (variance round-off)
     preds = matched_reconstructions.detach().to(torch.float64)
     target = ground_truth.detach().to(preds.device, torch.float64)

@@ -39,3 +39,30 @@ def test_gpu_suite_script_rejects_nothing_it_documents():
     assert proc.returncode == 0
     for flag in ("--suite", "--smoke", "--compile", "--pairs", "--cases", "--out", "--device", "--scale", "--results-dir"):
         assert flag in proc.stdout
+
+
+def test_warm_up_batches_are_untimed_but_the_run_is_unchanged():
+    """benchmarks.speed.our_loop(warmup=k): the first k batches are not timed (a compile falls there), the run
+    itself is the same, so its final dummies still equal the plain loop's; the timed window counts optimiser steps."""
+    import torch
+
+    from benchmarks.speed import l2_match, lenet_victim, our_loop, plain_loop, target_gradients
+    from lightning_gi.attacks import ImagePriorAttack
+    from lightning_gi.labels import SharedLabels
+    from lightning_gi.objectives import SquaredL2Distance
+
+    device = torch.device("cpu")
+    model, images, labels = lenet_victim(16, device)
+    targets = target_gradients(model, images, labels)
+    adam = lambda p: torch.optim.Adam(p, lr=0.1)  # noqa: E731
+    init = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    _, plain = plain_loop(model, labels, targets, init, 12, adam, l2_match)
+    for warmup, k in ((0, 1), (2, 1), (1, 4)):
+        attack = ImagePriorAttack(optimizer=adam, seed=0, label_strategy=SharedLabels(), distance=SquaredL2Distance(),
+                                  priors=[], steps_per_call=k)
+        seconds, dummies, _ = our_loop(attack, model, images, labels, 12, device, warmup=warmup)
+        assert seconds > 0
+        torch.testing.assert_close(dummies, plain, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="nothing to time"):
+        our_loop(ImagePriorAttack(optimizer=adam, seed=0, label_strategy=SharedLabels(), priors=[], steps_per_call=4),
+                 model, images, labels, 8, device, warmup=2)

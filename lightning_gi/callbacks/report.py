@@ -19,7 +19,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torchvision.utils import make_grid
 
 from ..metrics import (
     load_lpips,
@@ -41,6 +40,8 @@ def run_dir(trainer: pl.Trainer) -> str:
 
 def comparison_grid(reconstructions: Tensor, ground_truth: Optional[Tensor] = None, nrow: int = 16) -> Tensor:
     """Ground truth (when known) above the reconstructions matched to it, as one image [C,H,W]."""
+    from torchvision.utils import make_grid  # imported where used (startup cost)
+
     rec = reconstructions.detach().float().clamp(0, 1).cpu()
     if ground_truth is None:
         return make_grid(rec, nrow=min(nrow, rec.shape[0]), padding=2, pad_value=1.0)
