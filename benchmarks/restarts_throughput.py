@@ -37,7 +37,7 @@ def _victim(name: str, num_classes: int = 10) -> torch.nn.Module:
 
 
 def _bound(mode: str, name: str, restarts: int, batch: int, device: torch.device):
-    from lightning_gi.attacks import ImagePriorAttack
+    from lightning_gi.attacks import ImagePriorAttack, SignedGradient
     from lightning_gi.labels import SharedLabels
     from lightning_gi.objectives import CosineDistance
     from lightning_gi.objectives.priors import TotalVariation
@@ -52,7 +52,7 @@ def _bound(mode: str, name: str, restarts: int, batch: int, device: torch.device
     inputs = AttackInputs(model, obs, (3, 32, 32), zeros, zeros + 1, 10)
     attack = ImagePriorAttack(
         label_strategy=SharedLabels(), distance=CosineDistance(), priors=[TotalVariation(weight=1e-4)],
-        signed_gradients=True, boxed=True, restarts=restarts, seed=0, restart_mode=mode,
+        update_rule=SignedGradient(), boxed=True, restarts=restarts, seed=0, restart_mode=mode,
     )
     attack.bind(inputs, device=device)
     opt = torch.optim.Adam(attack._unknowns, lr=0.1)

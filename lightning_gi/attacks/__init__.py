@@ -7,6 +7,7 @@ from .giml import GIML, GradientTasks
 from .image_prior import ImagePriorAttack
 from .inverting import GradInversion, InvertingGradients, VectorisedInvertingGradients, VectorisedRestartsAttack
 from .stepwise import StepwiseInversion
+from .update_rules import QuantisedSign, RawGradient, SignedGradient, UpdateRule
 from .wdlg import WDLG
 
 __all__ = [
@@ -22,6 +23,10 @@ __all__ = [
     "InvertingGradients",
     "GradInversion",
     "StepwiseInversion",
+    "QuantisedSign",
+    "RawGradient",
+    "SignedGradient",
+    "UpdateRule",
     "VectorisedRestartsAttack",
     "VectorisedInvertingGradients",
     "WDLG",

@@ -1,4 +1,4 @@
-"""A generic image-space attack: gradient distance + image priors, optional signed/boxed updates, restarts.
+"""A generic image-space attack: gradient distance + image priors, pluggable update rules, boxed updates, restarts.
 
 Inverting Gradients (Geiping et al. 2020), WDLG (Wang et al. 2023) and the GradInversion-style recipe
 (Yin et al. 2021) are all one optimisation with different parts::
@@ -13,10 +13,11 @@ attacks (:class:`~lightning_gi.attacks.InvertingGradients`, :class:`~lightning_g
 
 Update rules (paper options, all off by default)
 ------------------------------------------------
-* ``signed_gradients``: before every optimiser step each unknown's ``.grad`` is replaced by its sign
-  (Inverting Gradients, Sec. 4: "Adam on the signed gradient"). Done in ``on_before_optimizer_step``, which
-  Lightning calls after ``backward`` (and for L-BFGS after every closure evaluation). The sign is
-  element-wise, so restarts cannot interact through it.
+* ``update_rule`` (:mod:`lightning_gi.attacks.update_rules`): before every optimiser step each unknown's ``.grad``
+  is replaced by the rule's direction: ``SignedGradient`` (Inverting Gradients, Sec. 4: "Adam on the signed
+  gradient"), ``QuantisedSign`` (the stepwise authors' code), ``RawGradient`` (default). Done in
+  ``on_before_optimizer_step``, which Lightning calls after ``backward`` (and for L-BFGS after every closure
+  evaluation). The rules act per restart slice, so restarts cannot interact through them.
 * ``boxed``: after every optimiser step the dummies are clamped per channel to the victim's valid input
   range ``[(0 - mean_c) / std_c, (1 - mean_c) / std_c]`` (images in [0, 1] before normalisation).
 * ``milestone_fractions``: MultiStepLR with milestones ``round(f * trainer.max_steps)`` and ``lr_gamma``
@@ -56,6 +57,7 @@ from torch import Tensor, nn
 from ..labels import AutoLabels, IDLGLabels, LabelStrategy
 from ..objectives.distances import CosineDistance, GradientDistance
 from .base import RESTART_MODES, GradientInversionAttack, RestartMode
+from .update_rules import RawGradient, UpdateRule
 from .vectorised import auto_vectorise, vectorisable  # noqa: F401,E402 (re-exported)
 
 # ``Callable[..., Any]``, not ``Callable[..., Tensor]``: with a class as return type jsonargparse reads a
@@ -113,8 +115,9 @@ class ImagePriorAttack(GradientInversionAttack):
             :class:`~lightning_gi.objectives.CosineDistance`).
         priors: image priors (modules with a ``weight``), applied to each restart's images; None: the recipe's
             (none here); ``[]``: no prior.
-        signed_gradients: replace each unknown's gradient by its sign before the optimiser step; None: the
-            recipe's (off here).
+        update_rule: what the optimiser is fed instead of each unknown's gradient
+            (:mod:`lightning_gi.attacks.update_rules`: ``SignedGradient``, ``QuantisedSign``, ``RawGradient``); None:
+            the recipe's (here the raw gradient).
         boxed: clamp the dummies to the valid image range (per channel, input space) after each step; None: the
             recipe's (off here).
         restarts: number R of independent initialisations optimised side by side (see module docs).
@@ -129,7 +132,7 @@ class ImagePriorAttack(GradientInversionAttack):
     """
 
     #: defaults of the arguments given as None. Keys: ``milestone_fractions`` (list), ``distance`` and ``priors``
-    #: (factories: a fresh object per attack), ``signed_gradients``, ``boxed`` (bools), ``auto_labels`` (True:
+    #: (factories: a fresh object per attack), ``update_rule`` (a factory), ``boxed`` (bool), ``auto_labels`` (True:
     #: :class:`~lightning_gi.labels.AutoLabels` at the victim's geometry instead of the iDLG rule).
     recipe: ClassVar[dict[str, Any]] = {}
 
@@ -142,7 +145,7 @@ class ImagePriorAttack(GradientInversionAttack):
         label_strategy: Optional[LabelStrategy] = None,
         distance: Optional[DistanceFn] = None,
         priors: Optional[list[nn.Module]] = None,
-        signed_gradients: Optional[bool] = None,
+        update_rule: Optional[UpdateRule] = None,
         boxed: Optional[bool] = None,
         restarts: int = 1,
         init: str = "randn",
@@ -170,8 +173,10 @@ class ImagePriorAttack(GradientInversionAttack):
             milestone_fractions = recipe.get("milestone_fractions")
         if milestone_fractions is not None and len(milestone_fractions) == 0:
             milestone_fractions = None  # [] : explicitly no built-in schedule
-        if signed_gradients is None:
-            signed_gradients = bool(recipe.get("signed_gradients", False))
+        if update_rule is None:
+            update_rule = recipe["update_rule"]() if "update_rule" in recipe else RawGradient()
+        if not isinstance(update_rule, UpdateRule):
+            raise TypeError(f"update_rule must be an UpdateRule (lightning_gi.attacks.update_rules), got {update_rule!r}")
         if boxed is None:
             boxed = bool(recipe.get("boxed", False))
         if priors is None:
@@ -189,7 +194,7 @@ class ImagePriorAttack(GradientInversionAttack):
             raise ValueError(f"lr_gamma must be positive, got {lr_gamma}")
         self.milestone_fractions = None if milestone_fractions is None else [float(f) for f in milestone_fractions]
         self.lr_gamma = float(lr_gamma)
-        self.signed_gradients = bool(signed_gradients)
+        self.update_rule = update_rule
         self.boxed = bool(boxed)
         self.restarts = int(restarts)
         for prior in priors:
@@ -222,10 +227,14 @@ class ImagePriorAttack(GradientInversionAttack):
 
     # ------------------------------------------------------------------ update rules
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.signed_gradients:
-            for p in self._unknowns:
-                if p.grad is not None:
-                    p.grad.sign_()
+        """Feed the optimiser :attr:`update_rule` of each unknown's gradient (nothing to do for the raw gradient)."""
+        rule = self.update_rule
+        if isinstance(rule, RawGradient) and rule.warmup_steps == 0:
+            return
+        step = int(self.trainer.global_step) if self._trainer is not None else 0
+        for p in self._unknowns:
+            if p.grad is not None:
+                p.grad.copy_(rule(p.grad, step))
 
     def after_optimizer_step(self) -> None:
         if self.boxed:

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 from ..objectives.distances import CosineDistance, SquaredL2Distance
 from ..objectives.priors import BNStatisticsPrior, L2ImageNorm, TotalVariation
 from .image_prior import INVERTING_GRADIENTS_MILESTONES, ImagePriorAttack
+from .update_rules import SignedGradient
 
 __all__ = ["InvertingGradients", "GradInversion", "VectorisedRestartsAttack", "VectorisedInvertingGradients"]
 
@@ -38,14 +39,14 @@ class InvertingGradients(ImagePriorAttack):
     :class:`ImagePriorAttack`'s arguments; left at None they take the paper's values: Adam lr 0.1,
     ``milestone_fractions=[3/8, 5/8, 7/8]`` (``[]``: none; ignored when an ``lr_scheduler`` is given),
     ``lr_gamma=0.1``, :class:`CosineDistance` (global), ``priors=[TotalVariation(weight=1e-4)]`` (``[]``: none),
-    ``signed_gradients=True``, ``boxed=True``, labels from :class:`~lightning_gi.labels.AutoLabels`.
+    ``update_rule=SignedGradient()``, ``boxed=True``, labels from :class:`~lightning_gi.labels.AutoLabels`.
     """
 
     recipe: ClassVar[dict[str, Any]] = {
         "milestone_fractions": list(INVERTING_GRADIENTS_MILESTONES),
         "distance": CosineDistance,
         "priors": lambda: [TotalVariation(weight=1e-4)],
-        "signed_gradients": True,
+        "update_rule": SignedGradient,
         "boxed": True,
         "auto_labels": True,
     }

@@ -31,34 +31,15 @@ from ..labels import AutoLabels, LabelStrategy
 from ..objectives.distances import CosineDistance
 from ..objectives.priors import BNStatisticsPrior, TotalVariation
 from .image_prior import DistanceFn, ImagePriorAttack, _default_adam
+from .update_rules import QuantisedSign, UpdateRule, quantized_sign  # noqa: F401 (quantized_sign re-exported)
 
-__all__ = ["StepwiseInversion", "quantized_sign", "paper_callbacks", "STEPWISE_MILESTONES", "UPDATE_RULES", "RETURN_ITERATES"]
+__all__ = ["StepwiseInversion", "quantized_sign", "paper_callbacks", "STEPWISE_MILESTONES", "RETURN_ITERATES"]
 
 STEPWISE_MILESTONES = (0.375, 0.625, 0.875)
-UPDATE_RULES = ("quantized_sign", "sign", "none")
 RETURN_ITERATES = ("best", "last")
 # authors' BN prior layer weights (MiLab-HITSZ/2023YeHFGradInv, our_res34_pretrained.yaml: deep_inversion)
 AUTHORS_FIRST_BN_MULTIPLIER = 1.3
 AUTHORS_SECOND_BN_MULTIPLIER = 3.0
-
-
-def quantized_sign(grad: Tensor, per_first_dim: bool = False) -> Tensor:
-    """The authors' gradient transform: a sign with a coarse magnitude.
-
-    ``q = clamp(round(2 g / median|g|) / 2, -1, 1)`` takes values in {0, +-0.5, +-1}; the result is
-    ``0.8 q + 0.2 sign(g)``, so every nonzero entry moves, entries >= 0.75 median|g| by the full step.
-    The median is over the whole tensor, or over each slice ``grad[r]`` with ``per_first_dim`` (restarts);
-    where it is 0 the plain sign is returned.
-    """
-    a = grad.abs()
-    if per_first_dim:
-        med = a.flatten(1).median(dim=1).values.view(-1, *([1] * (grad.dim() - 1)))
-    else:
-        med = a.median()
-    safe = torch.where(med > 0, med, torch.ones_like(med))
-    q = torch.clamp(torch.round(grad / safe * 2.0) / 2.0, -1.0, 1.0)
-    out = 0.8 * q + 0.2 * torch.sign(grad)
-    return torch.where(med > 0, out, torch.sign(grad))
 
 
 class StepwiseInversion(ImagePriorAttack):
@@ -77,9 +58,9 @@ class StepwiseInversion(ImagePriorAttack):
             second_bn_multiplier=3)]`` (authors' layer weights);
             without a :class:`PriorSchedule` they are on from the first step (the "+ priors" ablation row).
             ``[]`` for none.
-        update_rule: "quantized_sign" (authors' code), "sign" (the paper's Eq. 12) or "none" (raw gradient).
-        warmup_steps, warmup_factor: the transformed gradient is multiplied by ``warmup_factor`` during the
-            first ``warmup_steps`` optimiser steps (authors: x2 for 100 steps).
+        update_rule: the direction fed to Adam (:mod:`lightning_gi.attacks.update_rules`); None: the authors' code,
+            ``QuantisedSign(warmup_steps=100, warmup_factor=2.0)`` (x2 for the first 100 steps); the paper's Eq. 12
+            is ``SignedGradient()``.
         boxed: truncate the images to the valid range after each step.
         restarts, init, seed: as :class:`ImagePriorAttack` (authors: one restart, randn).
         return_iterate: which iterate is returned. "best" (default): the lowest *scoring* distance (the cosine
@@ -101,9 +82,7 @@ class StepwiseInversion(ImagePriorAttack):
         label_strategy: Optional[LabelStrategy] = None,
         distance: Optional[DistanceFn] = None,
         priors: Optional[list[nn.Module]] = None,
-        update_rule: str = "quantized_sign",
-        warmup_steps: int = 100,
-        warmup_factor: float = 2.0,
+        update_rule: Optional[UpdateRule] = None,
         boxed: bool = True,
         restarts: int = 1,
         init: str = "randn",
@@ -112,10 +91,6 @@ class StepwiseInversion(ImagePriorAttack):
     ) -> None:
         if return_iterate not in RETURN_ITERATES:
             raise ValueError(f"return_iterate must be one of {RETURN_ITERATES}, got {return_iterate!r}")
-        if update_rule not in UPDATE_RULES:
-            raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got {update_rule!r}")
-        if warmup_steps < 0 or warmup_factor <= 0:
-            raise ValueError(f"need warmup_steps >= 0 and warmup_factor > 0, got {warmup_steps}, {warmup_factor}")
         if lr_scheduler is not None:
             milestone_fractions = None
         if priors is None:
@@ -135,16 +110,13 @@ class StepwiseInversion(ImagePriorAttack):
             label_strategy=label_strategy,
             distance=distance if distance is not None else CosineDistance(),
             priors=priors,
-            signed_gradients=False,
+            update_rule=update_rule if update_rule is not None else QuantisedSign(warmup_steps=100, warmup_factor=2.0),
             boxed=boxed,
             restarts=restarts,
             init=init,
             seed=seed,
         )
         self._default_labels = label_strategy is None
-        self.update_rule = update_rule
-        self.warmup_steps = int(warmup_steps)
-        self.warmup_factor = float(warmup_factor)
         self.return_iterate = return_iterate
 
     # ------------------------------------------------------------------ labels (Stage I by default)
@@ -166,25 +138,6 @@ class StepwiseInversion(ImagePriorAttack):
             finite = torch.isfinite(distance)
             self.restart_best_loss = torch.where(finite, torch.full_like(self.restart_best_loss, math.inf), self.restart_best_loss)
         super().update_best(distance, images)
-
-    # ------------------------------------------------------------------ update rule
-    def transform_gradient(self, grad: Tensor, step: int) -> Tensor:
-        """The update direction fed to Adam for one unknown ``[R, N, C, H, W]`` (median per restart)."""
-        if self.update_rule == "quantized_sign":
-            out = quantized_sign(grad, per_first_dim=True)
-        elif self.update_rule == "sign":
-            out = torch.sign(grad)
-        else:
-            out = grad
-        if step < self.warmup_steps and self.warmup_factor != 1.0:
-            out = out * self.warmup_factor
-        return out
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        step = int(self.trainer.global_step) if self._trainer is not None else 0
-        for p in self._unknowns:
-            if p.grad is not None:
-                p.grad.copy_(self.transform_gradient(p.grad, step))
 
 
 def paper_callbacks(

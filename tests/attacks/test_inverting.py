@@ -15,6 +15,7 @@ from lightning_gi.attacks.image_prior import box_bounds, milestones_from_fractio
 from lightning_gi.metrics import per_image_scores
 from lightning_gi.objectives import BNStatisticsPrior, CosineDistance, TotalVariation
 from lightning_gi.victim import FedSGDVictim, LeNet, TensorBatchVictim
+from lightning_gi.attacks.update_rules import RawGradient, SignedGradient
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CIFAR_MEAN = [0.4914, 0.4822, 0.4465]
@@ -65,7 +66,7 @@ def test_short_inverting_gradients_run_lowers_loss_and_raises_psnr(lean_trainer_
 
 def test_defaults_follow_the_paper():
     ig = InvertingGradients()
-    assert ig.signed_gradients and ig.boxed
+    assert isinstance(ig.update_rule, SignedGradient) and ig.boxed
     assert ig.milestone_fractions == [3 / 8, 5 / 8, 7 / 8] and ig.lr_gamma == 0.1
     assert isinstance(ig.distance, CosineDistance) and not ig.distance.per_layer
     assert [type(p) for p in ig.priors] == [TotalVariation]
@@ -86,14 +87,14 @@ def test_defaults_follow_the_paper():
 def test_signed_gradient_moves_every_pixel_by_exactly_the_step(lean_trainer_kwargs):
     dm = lenet_victim(size=8)
     lr = 0.05
-    attack = ImagePriorAttack(optimizer=partial(torch.optim.SGD, lr=lr), signed_gradients=True, boxed=False)
+    attack = ImagePriorAttack(optimizer=partial(torch.optim.SGD, lr=lr), update_rule=SignedGradient(), boxed=False)
     attack.bind(dm.attack_inputs())
     before = attack.dummy_images.detach().clone()
     fit(attack, dm, 1, lean_trainer_kwargs)
     step = (attack.dummy_images.detach() - before).abs()
     assert torch.allclose(step, torch.full_like(step, lr), atol=1e-6)
     # unsigned: the plain (tiny) gradient step
-    plain = ImagePriorAttack(optimizer=partial(torch.optim.SGD, lr=lr), signed_gradients=False)
+    plain = ImagePriorAttack(optimizer=partial(torch.optim.SGD, lr=lr), update_rule=RawGradient())
     plain.bind(dm.attack_inputs())
     before = plain.dummy_images.detach().clone()
     fit(plain, dm, 1, lean_trainer_kwargs)
@@ -283,7 +284,7 @@ def _from_config(class_path: str, **init_args):
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(ImagePriorAttack, "model")
     cfg = parser.parse_object({"model": {"class_path": class_path, "init_args": init_args}})
-    assert set(vars(cfg.model.init_args)) >= {"signed_gradients", "boxed", "milestone_fractions", "restart_mode", "priors"}
+    assert set(vars(cfg.model.init_args)) >= {"update_rule", "boxed", "milestone_fractions", "restart_mode", "priors"}
     return parser.instantiate_classes(cfg).model
 
 
@@ -292,16 +293,33 @@ def test_recipes_take_their_defaults_through_the_parser_and_explicit_values_win(
     from lightning_gi.objectives import SquaredL2Distance, WassersteinDistance
 
     ig = _from_config("lightning_gi.attacks.InvertingGradients", restarts=2)
-    assert ig.signed_gradients and ig.boxed and ig.restarts == 2
+    assert isinstance(ig.update_rule, SignedGradient) and ig.boxed and ig.restarts == 2
     assert ig.milestone_fractions == pytest.approx([0.375, 0.625, 0.875])
     assert isinstance(ig.distance, CosineDistance) and [type(p).__name__ for p in ig.priors] == ["TotalVariation"]
-    plain = _from_config("lightning_gi.attacks.InvertingGradients", signed_gradients=False, milestone_fractions=[], priors=[])
-    assert not plain.signed_gradients and plain.milestone_fractions is None and len(plain.priors) == 0
+    plain = _from_config("lightning_gi.attacks.InvertingGradients", update_rule={"class_path": "lightning_gi.attacks.update_rules.RawGradient"}, milestone_fractions=[], priors=[])
+    assert isinstance(plain.update_rule, RawGradient) and plain.milestone_fractions is None and len(plain.priors) == 0
     gi = _from_config("lightning_gi.attacks.GradInversion")
-    assert isinstance(gi.distance, SquaredL2Distance) and not gi.signed_gradients and not gi.boxed
+    assert isinstance(gi.distance, SquaredL2Distance) and isinstance(gi.update_rule, RawGradient) and not gi.boxed
     assert [type(p).__name__ for p in gi.priors] == ["BNStatisticsPrior", "TotalVariation", "L2ImageNorm"]
     wdlg = _from_config("lightning_gi.attacks.WDLG")
     assert isinstance(wdlg, WDLG) and isinstance(wdlg.distance, WassersteinDistance) and len(wdlg.priors) == 0
     generic = _from_config("lightning_gi.attacks.ImagePriorAttack")
-    assert not generic.signed_gradients and generic.milestone_fractions is None
+    assert isinstance(generic.update_rule, RawGradient) and generic.milestone_fractions is None
     assert InvertingGradients().priors[0] is not InvertingGradients().priors[0]  # a fresh prior per attack
+
+
+def test_update_rules_are_pluggable_objects():
+    """lightning_gi.attacks.update_rules: the direction fed to the optimiser, with an optional warm-up factor."""
+    from lightning_gi.attacks.update_rules import QuantisedSign
+
+    g = torch.tensor([[[-3.0, 0.0, 0.5, 2.0]], [[1.0, -1.0, 4.0, 0.1]]])  # two restarts
+    assert torch.equal(SignedGradient()(g, step=0), torch.sign(g))
+    assert torch.equal(RawGradient()(g, step=0), g)
+    q = QuantisedSign(warmup_steps=2, warmup_factor=2.0)
+    early, late = q(g, step=1), q(g, step=2)
+    torch.testing.assert_close(early, 2 * late)
+    assert {round(v, 4) for v in late.abs().flatten().tolist()} <= {0.0, 0.2, 0.6, 1.0}  # 0.8 * {0, 0.5, 1} + 0.2 * |sign|
+    with pytest.raises(ValueError, match="warmup_factor must be > 0"):
+        SignedGradient(warmup_steps=1, warmup_factor=0.0)
+    with pytest.raises(TypeError, match="update_rule must be an UpdateRule"):
+        ImagePriorAttack(update_rule="sign")

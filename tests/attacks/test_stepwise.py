@@ -6,6 +6,7 @@ from torch import nn
 
 from lightning_gi.attacks import StepwiseInversion
 from lightning_gi.attacks.stepwise import paper_callbacks, quantized_sign
+from lightning_gi.attacks.update_rules import QuantisedSign
 from lightning_gi.callbacks import GradientDropout, PriorSchedule, StepwiseGradientSchedule
 from lightning_gi.labels import AutoLabels, EvolutionaryLabelCounts, SharedLabels
 from lightning_gi.objectives import BNStatisticsPrior, cosine_distance
@@ -53,7 +54,7 @@ class UpdateProbe(pl.Callback):
 
 
 def test_update_rule_truncation_and_lr_decay_through_trainer(lean_trainer_kwargs):
-    attack = StepwiseInversion(label_strategy=SharedLabels(), warmup_steps=3, priors=[])
+    attack = StepwiseInversion(label_strategy=SharedLabels(), update_rule=QuantisedSign(warmup_steps=3, warmup_factor=2.0), priors=[])
     probe = UpdateProbe()
     trainer = pl.Trainer(max_steps=16, callbacks=[probe], **lean_trainer_kwargs)
     trainer.fit(attack, datamodule=small_case())

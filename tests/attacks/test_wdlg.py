@@ -46,7 +46,7 @@ def test_paper_defaults():
     assert isinstance(attack.distance, WassersteinDistance)
     assert attack.distance.p == 1 and attack.distance.l2_weight == 0.0
     assert attack.init == "randn" and attack.restarts == 1
-    assert not attack.signed_gradients and not attack.boxed and len(attack.priors) == 0
+    assert type(attack.update_rule).__name__ == "RawGradient" and not attack.boxed and len(attack.priors) == 0
     opt = attack.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
     assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 0.1
 
