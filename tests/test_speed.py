@@ -223,8 +223,8 @@ def test_forced_vectorised_mode_matches_sequential(lean_trainer_kwargs):
 @pytest.mark.slow
 def test_compiled_matching_step_equals_eager_and_does_not_recompile_under_schedules():
     """compile=True (torch.compile of forward -> autograd.grad(create_graph) -> distance -> priors): the loss and
-    the gradient w.r.t. the dummies equal eager within 1e-4 relative; new schedule weights and dropout masks
-    reuse the compiled graph. The cold compile takes minutes on a loaded CPU (slow)."""
+    the gradient w.r.t. the dummies equal eager within 1e-4 relative; new schedule weights, dropout masks and
+    prior weights reuse the compiled graph. The cold compile takes minutes on a loaded CPU (slow)."""
     from torch._dynamo.utils import counters
 
     def bound(compile):
@@ -240,14 +240,18 @@ def test_compiled_matching_step_equals_eager_and_does_not_recompile_under_schedu
     masks = lambda: [torch.rand(t.shape, generator=gen) > 0.3 for t in eager.objective.targets]  # noqa: E731
     # (schedule, whether it may compile): new weights never recompile; the first masks compile once (a new
     # structure: masks present), new mask values do not
-    schedules = [(None, None, True), ([1.0] * (n - 2) + [0.0, 2.0], None, False), ([0.5] * n, masks(), True),
-                 ([2.0] * n, masks(), False), ([1.0] * (n - 1) + [0.0], masks(), False)]
-    for weights, m, may_compile in schedules:
+    # (prior weight: a new value reuses the graph, switching the prior off compiles once, back on reuses the first)
+    schedules = [(None, None, True, 1e-2), ([1.0] * (n - 2) + [0.0, 2.0], None, False, 1e-2),
+                 ([1.0] * n, None, False, 3e-2), ([0.5] * n, masks(), True, 3e-2),
+                 ([2.0] * n, masks(), False, 5e-3), ([1.0] * (n - 1) + [0.0], masks(), False, 5e-3),
+                 (None, None, True, 0.0), (None, None, False, 2e-2)]
+    for weights, m, may_compile, prior_weight in schedules:
         before = sum(counters["frames"].values())
         values = []
         for attack in (eager, compiled):
             attack.objective.set_weights(weights)
             attack.objective.set_masks(m)
+            attack.objective.set_prior_weight(0, prior_weight)
             loss, distance, _, _ = attack.evaluate()
             (grad,) = torch.autograd.grad(loss, [attack.dummy_images])
             values.append((loss.detach(), distance.detach(), grad))

@@ -458,8 +458,9 @@ class GradientInversionAttack(pl.LightningModule):
                     "compile=True needs labels that are not optimised (e.g. DLG's label logits are): use compile=False"
                 )
             leaf = images.detach().requires_grad_(True)
+            prior_weights, active = self.prior_weight_tensor(images)
             loss, distance, terms, grads, grad_images = self._compiled_matching_step()(
-                leaf, targets, self.objective.weight_tensor(), self.objective.masks
+                leaf, targets, self.objective.weight_tensor(), self.objective.masks, prior_weights, active
             )
             loss = _WithGradient.apply(images, loss, grad_images)
         else:
@@ -475,26 +476,47 @@ class GradientInversionAttack(pl.LightningModule):
 
     # ------------------------------------------------------------------ the compiled matching step
     def matching_step(
-        self, images: Tensor, targets: Tensor, weights: Tensor, masks: Optional[list[Optional[Tensor]]]
+        self, images: Tensor, targets: Tensor, weights: Tensor, masks: Optional[list[Optional[Tensor]]],
+        prior_weights: Optional[Tensor] = None, active: Optional[tuple[bool, ...]] = None,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor], list[Tensor]]:
         """The step that ``compile=True`` compiles: victim forward -> autograd.grad(create_graph) -> distance
-        (schedule weights as ONE tensor, so changing them does not recompile) -> weighted priors."""
+        (schedule weights as ONE tensor, so changing them does not recompile) -> weighted priors (with
+        ``prior_weights``/``active`` from :meth:`prior_weight_tensor`: new prior weights do not recompile either,
+        only switching a prior on or off does)."""
         grads = self.victim_gradients(images, targets)
         distance = self.objective.optimised_with(grads, weights, masks)
-        terms = self.prior_terms(images)
+        if prior_weights is None or active is None:
+            terms = self.prior_terms(images)
+        else:
+            terms = {
+                type(prior).__name__: prior_weights[i] * self.evaluate_prior(prior, images)
+                for i, prior in enumerate(self.priors) if active[i]
+            }
         loss = distance
         for value in terms.values():
             loss = loss + value
         return loss, distance, terms, grads
 
     def compiled_matching_step(
-        self, images: Tensor, targets: Tensor, weights: Tensor, masks: Optional[list[Optional[Tensor]]]
+        self, images: Tensor, targets: Tensor, weights: Tensor, masks: Optional[list[Optional[Tensor]]],
+        prior_weights: Optional[Tensor] = None, active: Optional[tuple[bool, ...]] = None,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor], list[Tensor], Tensor]:
         """:meth:`matching_step` for a leaf ``images``, detached outputs plus ``d loss / d images`` (what is compiled)."""
-        loss, distance, terms, grads = self.matching_step(images, targets, weights, masks)
+        loss, distance, terms, grads = self.matching_step(images, targets, weights, masks, prior_weights, active)
         (grad_images,) = torch.autograd.grad(loss, [images])
         return (loss.detach(), distance.detach(), {k: v.detach() for k, v in terms.items()},
                 [g.detach() for g in grads], grad_images)
+
+    def prior_weight_tensor(self, images: Tensor) -> tuple[Tensor, tuple[bool, ...]]:
+        """The priors' weights as one tensor (on ``images``' device, in their dtype) and which are non-zero: what the
+        compiled step takes, so that a prior schedule's new weights reuse the compiled graph. Rebuilt on change only."""
+        values = tuple(float(getattr(prior, "weight", 1.0)) for prior in self.priors)
+        cached = getattr(self, "_prior_weights", None)
+        if cached is not None and cached[0] == values and cached[1].device == images.device and cached[1].dtype == images.dtype:
+            return cached[1], cached[2]
+        tensor = torch.tensor(values if values else (0.0,), dtype=images.dtype, device=images.device)
+        self._prior_weights = (values, tensor, tuple(v != 0.0 for v in values))
+        return tensor, self._prior_weights[2]
 
     def _compiled_matching_step(self) -> Callable[..., Any]:
         if self._compiled_step is None:
