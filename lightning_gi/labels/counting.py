@@ -133,10 +133,11 @@ class ILRG(LabelStrategy):
         refine_steps: extension, not in the paper (default 0: off). Each step re-estimates the class MEAN
             features ``mu_j`` of the present classes by least squares from
             ``S * dW = sum_j (p_hat_j - e_j) n_j mu_j^T`` (undoing the mix of members and non-members in
-            ``e_j``; rows weighted by ``1 / uncertainty``), sets ``p_hat_j = softmax(W mu_j + b)`` and
-            solves for the counts again. If the first step gives back the paper's counts, they are a fixed
-            point and are kept (the iteration can oscillate away from a right answer); otherwise the iterate
-            whose rounded counts best satisfy their own system (smallest ``system_residual``) is kept.
+            ``e_j``), sets ``p_hat_j = softmax(W mu_j + b)`` and solves for the counts again. If the first
+            step (rows weighted by ``1 / uncertainty``) gives back the paper's counts, they are a fixed
+            point and are kept (the iteration can oscillate away from a right answer); otherwise the
+            iteration goes on (rows weighted equally) and the iterate whose rounded counts best satisfy
+            their own system (smallest ``system_residual``) is kept.
         rounding: "uncertainty" (default) rounds the least-squares counts with the sum fixed to ``N``,
             letting the classes whose row of the system is least exact absorb the rounding (cost
             ``sum_c ((k_c - x_c) / (S_c + uncertainty_floor))^2``, ``S_c = g_c + x_c`` the class's predicted
@@ -235,9 +236,10 @@ class ILRG(LabelStrategy):
             for step in range(self.refine_steps):
                 present = np.flatnonzero(counts > 0)
                 # S * dW = sum_j (p_hat_j - e_j) n_j mu_j^T: least-squares class means mu_j of the present
-                # classes, each row weighted by 1 / its uncertainty (the much-predicted classes' rows are the
-                # least exact, see uncertainty())
-                sigma = self.uncertainty(solution, g)
+                # classes. The first step (the fixed-point check of the paper's counts) weights each row by
+                # 1 / its uncertainty, like the rounding; the later steps weight rows equally, which measured
+                # better once the paper's counts are off (early training, docs/labels.md)
+                sigma = self.uncertainty(solution, g) if step == 0 else None
                 w = np.ones(len(counts)) if sigma is None else 1.0 / sigma
                 mu = np.linalg.lstsq(w[:, None] * a[:, present] * counts[present][None, :], w[:, None] * gw, rcond=None)[0]
                 p_hat = p_hat.clone()
