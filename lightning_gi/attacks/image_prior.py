@@ -234,7 +234,7 @@ class ImagePriorAttack(GradientInversionAttack):
         step = int(self.trainer.global_step) if self._trainer is not None else 0
         for p in self._unknowns:
             if p.grad is not None:
-                p.grad.copy_(rule(p.grad, step))
+                rule.apply_(p.grad, step)
 
     def after_optimizer_step(self) -> None:
         if self.boxed:

@@ -67,6 +67,10 @@ class UpdateRule(ABC):
             out = out * self.warmup_factor
         return out
 
+    def apply_(self, grad: Tensor, step: int) -> None:
+        """Replace ``grad`` in place by the rule's output (what the attack calls before each optimiser step)."""
+        grad.copy_(self(grad, step))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(warmup_steps={self.warmup_steps}, warmup_factor={self.warmup_factor})"
 
@@ -83,6 +87,11 @@ class SignedGradient(UpdateRule):
 
     def direction(self, grad: Tensor) -> Tensor:
         return torch.sign(grad)
+
+    def apply_(self, grad: Tensor, step: int) -> None:
+        grad.sign_()  # in place: no allocation per step (ms-scale steps of small victims)
+        if step < self.warmup_steps and self.warmup_factor != 1.0:
+            grad.mul_(self.warmup_factor)
 
 
 class QuantisedSign(UpdateRule):
