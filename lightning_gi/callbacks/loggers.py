@@ -87,18 +87,23 @@ def constructor_arguments(obj: Any) -> dict[str, Any]:
     """The arguments of ``type(obj).__init__`` that ``obj`` keeps under the same name (or ``<name>_factory``),
     as scalars or short descriptions (class names)."""
     out: dict[str, Any] = {}
-    try:
-        params = inspect.signature(type(obj).__init__).parameters
-    except (TypeError, ValueError):
-        return out
-    for name, param in params.items():
-        if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+    stored = {**vars(obj), **getattr(obj, "_modules", {})}  # plain attributes and submodules, no properties
+    for cls in type(obj).__mro__:  # a constructor taking **kwargs forwards them: follow it into its parents
+        if "__init__" not in vars(cls) or cls is object:
             continue
-        stored = {**vars(obj), **getattr(obj, "_modules", {})}  # plain attributes and submodules, no properties
-        for attr in (name, f"{name}_factory"):
-            if attr in stored:
-                out[name] = _describe(stored[attr])
-                break
+        try:
+            params = inspect.signature(cls.__init__).parameters
+        except (TypeError, ValueError):
+            break
+        for name, param in params.items():
+            if name == "self" or name in out or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            for attr in (name, f"{name}_factory"):
+                if attr in stored:
+                    out[name] = _describe(stored[attr])
+                    break
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
     return out
 
 
