@@ -156,12 +156,11 @@ class GIAS(GradientInversionAttack):
     def check_generator_file(self) -> None:
         """Raise :class:`MissingCheckpointError` when the generator file is absent (and will not be trained)."""
         if isinstance(self.generator_spec, str) and not self.train_generator_if_missing and not hasattr(self, "generator"):
-            from ..generators.registry import get_generator_config
+            from ..generators.registry import generator_file, generator_file_purpose
 
-            cfg = get_generator_config(self.generator_spec)
-            wanted = self.checkpoint_path or (cfg.file if self.pretrained else None)
+            wanted = generator_file(self.generator_spec, self.pretrained, self.checkpoint_path)
             if wanted is not None:
-                resolve_checkpoint(wanted, f"generator '{self.generator_spec}' for GIAS ({cfg.source or 'see checkpoints/README.md'})")
+                resolve_checkpoint(wanted, generator_file_purpose(self.generator_spec, "GIAS"))
 
     def prepare_data(self) -> None:
         # Lightning calls this before any datamodule/module setup: a missing generator fails before data is read
