@@ -42,7 +42,7 @@ class AutoLabels(LabelStrategy):
         image_size, mean, std, stats_path, aux_source: passed to :class:`EvolutionaryLabelCounts` for a
             head without bias (set ``image_size``/``mean``/``std`` to the victim's input geometry).
         seed: seed of the evolutionary search.
-        refine_steps: :class:`ILRG`'s class-mean refinement steps (default 6; 0 = the paper's iLRG).
+        refine_steps: :class:`ILRG`'s class-mean refinement steps (default 6; 0 = none).
     """
 
     def __init__(
