@@ -20,6 +20,9 @@ Cases (CPU suite, the default):
   lenet_adam_compiled     the LeNet Adam case: eager and compiled, steps_per_call 10, and compiled with 1
   resnet18_ig_b8_compiled the ResNet-18 case: eager and compiled
 
+Time to the first step (``--suite first-step``, ``speed_first_step.json``): ``make demo`` (the iDLG LeNet config through
+the CLI) against a plain script that imports torch and builds the same victim, each a fresh process, alternating.
+
 The GPU suite (``--suite gpu``, run by benchmarks/gpu_suite.sh) times larger cases per device with peak memory
 (see that script); ``--smoke`` shrinks every size so that the whole suite runs on a CPU in seconds.
 
@@ -251,17 +254,27 @@ def resnet_victim(arch: str, size: int, batch: int, device: torch.device, classe
 
 def alternate(name: str, pairs: int, plain: Callable[[int], tuple[float, torch.Tensor]], ours: dict[str, Callable[[int], tuple[float, torch.Tensor]]],
               steps: int, bar: Optional[float | dict[str, float]] = None) -> dict[str, Any]:
-    """Alternate plain and every variant of ours ``pairs`` times; ratios per pair. ``bar``: one bar for every
+    """Alternate plain and every variant of ours ``pairs`` times (the order rotating from pair to pair); ratios per
+    pair. ``bar``: one bar for every
     variant, or a bar per variant name (variants not named have none)."""
     plain_t: list[float] = []
     ours_t: dict[str, list[float]] = {k: [] for k in ours}
     diffs: dict[str, float] = {}
+    names = ["plain", *ours]
     for r in range(pairs):
-        t_p, x_p = plain(r)
-        plain_t.append(t_p)
-        for k, fn in ours.items():
-            t_o, x_o = fn(r)
-            ours_t[k].append(t_o)
+        # the order within a pair rotates (pair r starts with the r-th run) so that no variant always runs first
+        order = names[r % len(names):] + names[: r % len(names)]
+        finals: dict[str, Any] = {}
+        for k in order:
+            if k == "plain":
+                t_p, finals[k] = plain(r)
+                plain_t.append(t_p)
+            else:
+                t_o, finals[k] = ours[k](r)
+                ours_t[k].append(t_o)
+        x_p = finals["plain"]
+        for k in ours:
+            x_o = finals[k]
             if x_o is not None and x_p is not None and x_o.shape == x_p.shape:
                 diffs[k] = max(diffs.get(k, 0.0), float((x_o.float().cpu() - x_p.float().cpu()).abs().max()))
         print(f"{name} pair {r}: plain {steps / t_p:.2f} it/s; " + ", ".join(f"{k} {steps / v[-1]:.2f}" for k, v in ours_t.items()), flush=True)
@@ -287,7 +300,7 @@ def alternate(name: str, pairs: int, plain: Callable[[int], tuple[float, torch.T
 
 
 def cpu_suite(args: argparse.Namespace, device: torch.device, results: list) -> list[dict[str, Any]]:
-    from lightning_gi.attacks import IDLG, ImagePriorAttack, InvertingGradients
+    from lightning_gi.attacks import IDLG, ImagePriorAttack, InvertingGradients, SignedGradient
     from lightning_gi.attacks.image_prior import milestones_from_fractions
     from lightning_gi.labels import SharedLabels
     from lightning_gi.objectives import CosineDistance, SquaredL2Distance
@@ -324,7 +337,7 @@ def cpu_suite(args: argparse.Namespace, device: torch.device, results: list) -> 
         def ours_fn(k: int, signed: bool = signed):
             return lambda r: our_loop(
                 ImagePriorAttack(optimizer=adam, seed=r, label_strategy=SharedLabels(), distance=SquaredL2Distance(),
-                                 priors=[], signed_gradients=signed, steps_per_call=k),
+                                 priors=[], update_rule=SignedGradient() if signed else None, steps_per_call=k),
                 model, images, labels, steps, device)[:2]
 
         results.append(alternate(
@@ -564,10 +577,97 @@ def gias_case(name: str, res_px: int, steps: int, pairs: int, device: torch.devi
     return res
 
 
+# ----------------------------------------------------------------------------------------------------- time to first step
+_PLAIN_FIRST_STEP = """
+import os, time
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+torch.manual_seed(0)
+body = nn.Sequential(nn.Conv2d(3, 12, 5, 2, 2), nn.Sigmoid(), nn.Conv2d(12, 12, 5, 2, 2), nn.Sigmoid(),
+                     nn.Conv2d(12, 12, 5, 1, 2), nn.Sigmoid(), nn.Flatten(), nn.Linear(768, 10))
+for p in body.parameters():
+    nn.init.uniform_(p, -0.5, 0.5)
+from sklearn.datasets import load_sample_image
+import skimage.data
+photos = [load_sample_image("china.jpg"), load_sample_image("flower.jpg")]
+photos += [getattr(skimage.data, n)() for n in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina")]
+photos.append(skimage.data.stereo_motorcycle()[0])
+photos += [getattr(skimage.data, n)() for n in ("camera", "coins", "page", "text", "clock")]
+x = torch.from_numpy(np.ascontiguousarray(photos[0][:, :, :3].transpose(2, 0, 1))).float()[None] / 255
+s = min(x.shape[-2:])
+x = F.interpolate(x[..., :s, :s], size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+y = torch.tensor([0])
+params = list(body.parameters())
+target = [g.detach() for g in torch.autograd.grad(F.cross_entropy(body(x), y), params)]
+dummy = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+opt = torch.optim.LBFGS([dummy], lr=1.0, max_iter=20, history_size=100)
+print(f"FIRST_STEP {time.time() - float(os.environ['BENCH_T0']):.3f}", flush=True)
+"""
+
+_FIRST_STEP_CALLBACK = """
+import os, time
+import pytorch_lightning as pl
+
+
+class FirstStep(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            print(f"FIRST_STEP {time.time() - float(os.environ['BENCH_T0']):.3f}", flush=True)
+            os._exit(0)
+"""
+
+
+def first_step_seconds(command: list[str], env: dict[str, str]) -> float:
+    """Seconds from just before the process starts to its ``FIRST_STEP`` line (the process stops there)."""
+    import subprocess
+
+    env = dict(env, BENCH_T0=repr(time.time()))
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    for line in out.stdout.splitlines():
+        if line.startswith("FIRST_STEP "):
+            return float(line.split()[1])
+    raise RuntimeError(f"no FIRST_STEP line from {command[:3]}...: {out.stderr[-2000:]}")
+
+
+def first_step_suite(args: argparse.Namespace, device: torch.device, results: list) -> list[dict[str, Any]]:
+    """Time to the first training_step of `make demo` (configs/idlg_lenet.yaml through the CLI, its logger and
+    callbacks) against a plain script that imports torch and builds the same victim (the sigmoid LeNet, the bundled
+    photographs decoded as the dataset does, the batch's gradient, the L-BFGS optimiser). Alternating pairs, the
+    order rotating; ratio = ours / plain seconds (lower is better, bar 1.5)."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "plain_first_step.py").write_text(_PLAIN_FIRST_STEP)
+        Path(tmp, "first_step_callback.py").write_text(_FIRST_STEP_CALLBACK)
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([tmp, str(root)]))
+        plain_cmd = [sys.executable, str(Path(tmp, "plain_first_step.py"))]
+        ours_cmd = [sys.executable, "-m", "lightning_gi.cli", "fit", "--config", str(root / "configs" / "idlg_lenet.yaml"),
+                    '--trainer.callbacks+={"class_path": "first_step_callback.FirstStep"}',
+                    f"--trainer.logger.init_args.save_dir={tmp}/runs", f"--trainer.default_root_dir={tmp}/runs"]
+        times: dict[str, list[float]] = {"plain": [], "ours": []}
+        for r in range(args.pairs):
+            for k in (("plain", "ours") if r % 2 == 0 else ("ours", "plain")):
+                times[k].append(first_step_seconds(plain_cmd if k == "plain" else ours_cmd, env))
+            print(f"first step pair {r}: plain {times['plain'][-1]:.2f} s, make demo {times['ours'][-1]:.2f} s", flush=True)
+    ratios = [o / p for o, p in zip(times["ours"], times["plain"])]
+    results.append({
+        "case": "first_step_make_demo", "pairs": args.pairs, "plain_seconds": statistics.median(times["plain"]),
+        "plain_seconds_pairs": times["plain"],
+        "variants": {"ours": {"seconds": statistics.median(times["ours"]), "seconds_pairs": times["ours"],
+                              "ratio_vs_plain": spread(ratios), "bar": 1.5, "meets_bar": statistics.median(ratios) <= 1.5}},
+    })
+    return results
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--suite", choices=["cpu", "gpu", "first-step"], default="cpu",
+                        help="cpu: the loop bars; gpu: benchmarks/gpu_suite.sh; first-step: time to the first step of make demo")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the step counts")
     parser.add_argument("--cases", default="", help="comma-separated subset of case names")
@@ -588,6 +688,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         enable_compile_cache()
     if args.suite == "cpu":
         device, name, suite = torch.device("cpu"), args.out or "speed", cpu_suite
+    elif args.suite == "first-step":
+        device, name, suite = torch.device("cpu"), args.out or "speed_first_step", first_step_suite
     else:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         name, suite = args.out or ("speed_smoke" if args.smoke else "speed_gpu"), gpu_suite

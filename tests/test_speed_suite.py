@@ -66,3 +66,15 @@ def test_warm_up_batches_are_untimed_but_the_run_is_unchanged():
     with pytest.raises(ValueError, match="nothing to time"):
         our_loop(ImagePriorAttack(optimizer=adam, seed=0, label_strategy=SharedLabels(), priors=[], steps_per_call=4),
                  model, images, labels, 8, device, warmup=2)
+
+
+@pytest.mark.slow
+def test_first_step_suite_times_both_processes(tmp_path):
+    """--suite first-step: make demo's time to its first training_step and the plain script's, in one envelope."""
+    out = tmp_path / "first.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--suite", "first-step", "--pairs", "1", "--out", str(out)],
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["case"] == "first_step_make_demo" and row["plain_seconds"] > 0 and row["seconds"] > 0
+    assert row["ratio_vs_plain.median"] == pytest.approx(row["seconds"] / row["plain_seconds"])
