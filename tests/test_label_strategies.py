@@ -249,3 +249,18 @@ def test_ilrg_exact_at_batch_256_on_untrained_resnet34_64px():
     truth = y.sort().values.tolist()
     for strategy in (ILRG(), AutoLabels()):
         assert strategy(obs, model).tolist() == truth, type(strategy).__name__
+
+
+def test_round_counts_is_fast_far_from_the_sum():
+    """An ill-conditioned least-squares solution (entries ~1e12) must not cost one loop step per unit."""
+    import time
+
+    t0 = time.perf_counter()
+    out = round_counts(np.array([1e12, -3e11, 5.2, 2.0]), 64, scale=np.array([1.0, 2.0, 30.0, 0.5]))
+    assert out.sum() == 64 and (out >= 0).all() and out[0] == 64
+    x, sigma = np.array([-1e12, 0.2, 0.3]), np.array([0.5, 1.0, 4.0])
+    out = round_counts(x, 64, scale=sigma)
+    assert time.perf_counter() - t0 < 1.0
+    cost = lambda k: float((((np.array(k) - np.clip(x, 0, None)) / sigma) ** 2).sum())  # noqa: E731
+    best = min(cost((a, b, 64 - a - b)) for a in range(65) for b in range(65 - a))  # brute force
+    assert out.sum() == 64 and (out >= 0).all() and cost(out) == pytest.approx(best)

@@ -65,6 +65,19 @@ def round_counts(x: np.ndarray | Tensor, total: int, scale: Optional[np.ndarray 
         weight = 1.0 / sigma**2
     k = np.floor(v + 0.5).astype(np.int64)
     missing = int(total - k.sum())
+    if abs(missing) > v.size:
+        # far from the sum (e.g. an ill-conditioned least-squares solution): start from the floor of the
+        # continuous optimum y = max(0, x - lam / weight), sum(y) = total (lam by bisection), so the unit
+        # steps below are at most one per entry instead of |missing|
+        lo, hi = (0.0, float((v * weight).max())) if missing < 0 else (-float(total) * float(weight.max()), 0.0)
+        for _ in range(200):
+            lam = 0.5 * (lo + hi)
+            if np.clip(v - lam / weight, 0.0, None).sum() > total:
+                lo = lam
+            else:
+                hi = lam
+        k = np.floor(np.clip(v - hi / weight, 0.0, None)).astype(np.int64)
+        missing = int(total - k.sum())
     # the cost of one more (one fewer) unit at c is weight_c * (1 +/- 2 (k_c - x_c)): convex, so greedy is optimal
     while missing > 0:
         c = int(np.argmin(weight * (1.0 + 2.0 * (k - v))))
