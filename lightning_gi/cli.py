@@ -380,6 +380,13 @@ def _cli_class() -> type:
                 callbacks.append(ReconstructionMonitor())
             if not any(isinstance(c, DivergenceGuard) for c in callbacks):
                 callbacks.append(DivergenceGuard())
+            from pytorch_lightning.callbacks import RichProgressBar
+
+            from .callbacks.progress import AttackProgressBar
+
+            for i, c in enumerate(callbacks):  # Lightning's default rich bar would read "Epoch 0/-2"
+                if type(c) is RichProgressBar:
+                    callbacks[i] = AttackProgressBar()
             if trainer.checkpoint_callback is not None and not getattr(self, "_config_lists_checkpoint", False):
                 # Lightning's default ModelCheckpoint only saves at epoch ends, which an attack never reaches
                 for c in [c for c in callbacks if type(c) is ModelCheckpoint]:
