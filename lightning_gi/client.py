@@ -100,7 +100,7 @@ def client_gradient(
     if create_graph and buffers is None and (params is None or _are_parameters_of(params, model)):
         # the attacker's hot path: the module's own (grad-requiring) parameters, called directly (no
         # functional_call re-binding per step); train-mode BN statistics still go to throw-away copies
-        ps = list(model.parameters())
+        ps = list(model.parameters()) if params is None else list(params)
         with torch.enable_grad():
             loss = cross_entropy(forward_keeping_buffers(model, images), targets, reduction)
             return list(torch.autograd.grad(loss, ps, create_graph=True)), {}
@@ -112,8 +112,13 @@ def client_gradient(
 
 
 def _are_parameters_of(params: Sequence[Tensor], model: nn.Module) -> bool:
-    own = list(model.parameters())
-    return len(own) == len(params) and all(a is b for a, b in zip(own, params)) and all(p.requires_grad for p in own)
+    """``params`` are exactly ``model.parameters()``, in order, all requiring grad (one pass, no list)."""
+    count = 0
+    for own in model.parameters():
+        if count >= len(params) or own is not params[count] or not own.requires_grad:
+            return False
+        count += 1
+    return count == len(params)
 
 
 def local_step_indices(step: int, num_data: int, local_batch_size: Optional[int]) -> Tensor:
