@@ -68,16 +68,18 @@ def last_linear(model: nn.Module) -> nn.Linear:
     another parametrised layer follows the last linear one (a convolutional head, a final norm layer),
     that identity does not hold and any label read from it would be wrong, so this raises.
     """
+    from ..victim.models import classifier_head
+
     params = list(model.parameters())
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    found = classifier_head(model)
     if not params:
         raise ObservationError(f"{type(model).__name__} has no parameters: there is no classifier layer to read labels from")
-    if not linears:
+    if found is None:
         raise ObservationError(
             f"gradient label recovery needs an nn.Linear classifier head, but {type(model).__name__} has no nn.Linear "
             f"(its last layer is {_owner_name(model, params[-1])})"
         )
-    head = linears[-1]
+    head = found[1]
     if not (params[-1] is head.weight or (head.bias is not None and params[-1] is head.bias)):
         raise ObservationError(
             f"gradient label recovery needs the last layer to be nn.Linear, but {type(model).__name__}'s last "
