@@ -33,6 +33,25 @@ def photos(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return images, labels
 
 
+def photo_victim(size: int = 16, batch_size: int = 1, seed: int = 0, **victim):
+    """A ``Victim``: the 14-class sigmoid LeNet (initialisation seed ``seed``) on ``batch_size`` bundled photographs
+    (batch seed ``seed``); ``victim`` are further ``Victim`` arguments (normalisation, client, defenses, ...)."""
+    from lightning_gi.victim import DatasetImages, Victim
+
+    return Victim(LeNet(num_classes=14, image_size=size), source=DatasetImages("photographs", batch_size=batch_size, batch_seed=seed),
+                  image_shape=(3, size, size), model_seed=seed, **victim)
+
+
+def one_photo_case(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """(a 10-class 16x16 LeNet drawn under ``torch.manual_seed(seed)``, one bundled photograph [1,3,16,16], label [2])."""
+    from lightning_gi.victim.data import BundledPhotographs
+
+    torch.manual_seed(seed)
+    model = LeNet(num_classes=10, image_size=16)
+    image = BundledPhotographs(image_size=16, crops_per_photo=1)[5][0].unsqueeze(0)
+    return model, image, torch.tensor([2])
+
+
 def lean_trainer(steps: int, tmp_path: Any, **overrides: Any) -> pl.Trainer:
     """A CPU Trainer without logger, progress bar or checkpoints, for ``steps`` optimiser steps."""
     kwargs: dict[str, Any] = dict(

@@ -13,15 +13,13 @@ from lightning_gi.callbacks import DivergenceGuard
 from lightning_gi.checkpoints import CorruptCheckpointError, MissingCheckpointError
 from lightning_gi.observation import GradientObservation, ObservationError, capture_observation
 from lightning_gi.victim import FedSGDVictim, LeNet, ObservationFileVictim, TensorBatchVictim
-from lightning_gi.victim.data import BundledPhotographs, DatasetNotFoundError
+from lightning_gi.victim.data import DatasetNotFoundError
 from lightning_gi.victim.models import load_weights, torchvision_classifier
+from factories import one_photo_case
 
 
 def _case(seed=0):
-    torch.manual_seed(seed)
-    model = LeNet(num_classes=10, image_size=16)
-    image = BundledPhotographs(image_size=16, crops_per_photo=1)[5][0].unsqueeze(0)
-    return model, image, torch.tensor([2])
+    return one_photo_case(seed)
 
 
 def _adam(p):

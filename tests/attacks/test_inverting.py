@@ -14,25 +14,17 @@ from lightning_gi.attacks import GradInversion, ImagePriorAttack, InvertingGradi
 from lightning_gi.attacks.image_prior import box_bounds, milestones_from_fractions
 from lightning_gi.metrics import per_image_scores
 from lightning_gi.objectives import BNStatisticsPrior, CosineDistance, TotalVariation
-from lightning_gi.victim import FedSGDVictim, LeNet, TensorBatchVictim
+from lightning_gi.victim import TensorBatchVictim
 from lightning_gi.attacks.update_rules import RawGradient, SignedGradient
+from factories import photo_victim
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CIFAR_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR_STD = [0.2470, 0.2435, 0.2616]
 
 
-def lenet_victim(size: int = 16, batch_size: int = 1, seed: int = 0) -> FedSGDVictim:
-    return FedSGDVictim(
-        LeNet(num_classes=14, image_size=size),
-        dataset="photographs",
-        image_shape=(3, size, size),
-        batch_size=batch_size,
-        batch_seed=seed,
-        model_seed=seed,
-        mean=CIFAR_MEAN,
-        std=CIFAR_STD,
-    )
+def lenet_victim(size: int = 16, batch_size: int = 1, seed: int = 0):
+    return photo_victim(size, batch_size, seed, mean=CIFAR_MEAN, std=CIFAR_STD)
 
 
 def fit(attack: pl.LightningModule, dm: pl.LightningDataModule, steps: int, kwargs: dict) -> pl.Trainer:

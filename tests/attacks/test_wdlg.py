@@ -11,27 +11,20 @@ from lightning_gi.attacks import WDLG
 from lightning_gi.labels import IDLGLabels
 from lightning_gi.metrics import per_image_scores
 from lightning_gi.objectives import WassersteinDistance, squared_l2
-from lightning_gi.victim import FedSGDVictim, LeNet
+from factories import photo_victim
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def tiny_victim(size: int = 8, batch_size: int = 1, seed: int = 0) -> FedSGDVictim:
-    return FedSGDVictim(
-        LeNet(num_classes=14, image_size=size),
-        dataset="photographs",
-        image_shape=(3, size, size),
-        batch_size=batch_size,
-        batch_seed=seed,
-        model_seed=seed,
-    )
+def tiny_victim(size: int = 8, batch_size: int = 1, seed: int = 0):
+    return photo_victim(size, batch_size, seed)
 
 
 def mse(images: torch.Tensor, truth: torch.Tensor) -> float:
     return float(per_image_scores(images, truth)["mse"].mean())
 
 
-def run(attack: WDLG, dm: FedSGDVictim, steps: int, kwargs: dict) -> tuple[float, float, float]:
+def run(attack: WDLG, dm, steps: int, kwargs: dict) -> tuple[float, float, float]:
     """(initial matching distance, final best matching distance, initial MSE) of a short run."""
     attack.bind(dm.attack_inputs())
     with torch.enable_grad():

@@ -10,15 +10,12 @@ from lightning_gi.attacks import IDLG
 from lightning_gi.callbacks import DivergenceGuard, ReconstructionMonitor, ReconstructionReport
 from lightning_gi.callbacks.guard import DivergenceError, UninformativeObservationError, VictimOutputError
 from lightning_gi.victim import LeNet, TensorBatchVictim
-from lightning_gi.victim.data import BundledPhotographs
 from lightning_gi.victim.defenses import TopKPruning
+from factories import one_photo_case
 
 
 def _case(seed=0):
-    torch.manual_seed(seed)
-    model = LeNet(num_classes=10, image_size=16)
-    image = BundledPhotographs(image_size=16, crops_per_photo=1)[5][0].unsqueeze(0)
-    return model, image, torch.tensor([2])
+    return one_photo_case(seed)
 
 
 def _adam(p):
