@@ -249,9 +249,14 @@ class ThreatModel:
 
     @property
     def pseudo_gradient_scale(self) -> float:
-        """What turns the shared tensors into a gradient-scale quantity: ``-1 / local_lr`` for FedAvg (one local
-        step then IS the FedSGD gradient, so label rules, distances and tolerances keep their scale), else 1."""
-        return -1.0 / float(self.local_lr) if self.threat_model == "fedavg" else 1.0
+        """What turns the shared tensors into a gradient-scale quantity: ``-1 / (local_lr * local_steps)`` for
+        FedAvg, else 1. ``w_E - w_0 = -lr * sum_s g_s``, the sum of the E local steps' batch-mean gradients; every
+        example enters the same number of steps, so to first order ``sum_s g_s = E * G`` with G the FedSGD gradient
+        of the client's batch. Divided by ``-lr * E`` the update is G (exactly G for one step): label-count rules
+        (which read N * dL/db), distances and optimiser tolerances keep their FedSGD scale."""
+        if self.threat_model != "fedavg":
+            return 1.0
+        return -1.0 / (float(self.local_lr) * int(self.local_steps))
 
     def simulate(
         self,

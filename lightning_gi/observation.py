@@ -195,7 +195,7 @@ class GradientObservation:
                 f"observation is missing required key(s) {missing}; see docs/observation_format.md"
             )
         version = d["format_version"]
-        if version not in SUPPORTED_VERSIONS:
+        if isinstance(version, bool) or not isinstance(version, int) or version not in SUPPORTED_VERSIONS:
             raise ObservationError(
                 f"unsupported observation format_version {version!r}; this lightning_gi reads {SUPPORTED_VERSIONS}"
             )

@@ -32,7 +32,7 @@ def test_threat_model_round_trips_through_metadata():
     tm = ThreatModel("fedavg", local_steps=3, local_lr=0.05, local_batch_size=1, client_batch_sizes=[2, 2], aggregation="sum")
     assert ThreatModel.from_metadata(tm.to_metadata(), 4) == tm
     assert ThreatModel.from_metadata({}, 4).is_single_gradient
-    assert tm.pseudo_gradient_scale == pytest.approx(-20.0) and tm.sizes(4) == [2, 2]
+    assert tm.pseudo_gradient_scale == pytest.approx(-1 / (0.05 * 3)) and tm.sizes(4) == [2, 2]
     with pytest.raises(ValueError, match="sum to 3 but the observation's batch_size is 4"):
         ThreatModel.from_metadata({"client_batch_sizes": "1,2"}, 4)
 
@@ -93,3 +93,15 @@ def test_shared_buffers_are_the_clients_mean_after_train_mode_steps(photos16):
         means.append(m[1].running_mean.detach())
     torch.testing.assert_close(update.buffers["1.running_mean"], (means[0] + means[1]) / 2, atol=1e-6, rtol=1e-5)
     assert torch.equal(model[1].running_mean, torch.zeros(4))  # the model itself is never modified
+
+
+def test_fedavg_pseudo_gradient_is_the_fedsgd_gradient_to_first_order(lenet16, photos16):
+    """w_E - w_0 divided by -lr * E is the client batch's FedSGD gradient for small steps (so label-count rules,
+    which read N * dL/db, see the right scale; dividing by -lr alone overstates it E times)."""
+    images, labels = photos16
+    model, images = lenet16.double(), images.double()  # float64: w_E - w_0 of tiny steps keeps its digits
+    gradient, _ = client_gradient(model, images, labels)
+    tm = ThreatModel("fedavg", local_steps=4, local_lr=1e-5, local_batch_size=1)
+    pseudo = [u * tm.pseudo_gradient_scale for u in tm.simulate(model, images, labels)]
+    for p, g in zip(pseudo, gradient):
+        torch.testing.assert_close(p, g, atol=1e-3 * float(g.abs().max()), rtol=1e-3)

@@ -237,3 +237,10 @@ def test_ground_truth_is_validated_before_the_attack(tmp_path):
     torch.save({"images": image, "labels": torch.tensor([1])}, tmp_path / "good.pt")
     images, labels = load_ground_truth(tmp_path / "good.pt", (3, 16, 16), batch_size=1, num_classes=10)
     assert torch.equal(images, image) and labels.tolist() == [1]
+
+
+@pytest.mark.parametrize("version", [torch.tensor([]), torch.tensor([1]), "1", 1.0, True, None])
+def test_format_version_must_be_a_plain_int(version):
+    """Found by the loader fuzz: a tensor format_version raised a RuntimeError (no values) or passed as 1."""
+    with pytest.raises(ObservationError, match="unsupported observation format_version"):
+        GradientObservation.from_dict({"format_version": version, "gradients": [torch.zeros(2)], "batch_size": 1})

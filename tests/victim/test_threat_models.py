@@ -209,7 +209,7 @@ def test_attack_matches_exactly_at_the_true_batch():
     # normalised: the target is the update / -lr
     spec = attack.threat_model
     raw = simulate_shared_update(model, images, labels, spec)
-    torch.testing.assert_close(attack._target_gradients[0], raw[0] / -0.1, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(attack._target_gradients[0], raw[0] / (-0.1 * 3), atol=1e-6, rtol=1e-5)  # / (-lr * E)
 
 
 def test_explicit_hyperparameters_for_an_observation_without_metadata():
