@@ -52,6 +52,27 @@ def one_photo_case(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.
     return model, image, torch.tensor([2])
 
 
+def plain_idlg_lbfgs(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, seed: int, steps: int) -> torch.Tensor:
+    """The iDLG reference in plain PyTorch (no lightning_gi): squared-L2 gradient matching, L-BFGS (lr 1, 20 inner
+    iterations, history 100), the dummy drawn from N(0, 1) with ``seed``; returns the dummy after ``steps`` steps."""
+    params = list(model.parameters())
+    loss_fn = torch.nn.functional.cross_entropy
+    target = [g.detach() for g in torch.autograd.grad(loss_fn(model(image), label), params)]
+    dummy = torch.randn(tuple(image.shape), generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+    opt = torch.optim.LBFGS([dummy], lr=1.0, max_iter=20, history_size=100)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        grads = torch.autograd.grad(loss_fn(model(dummy), label), params, create_graph=True)
+        loss = sum(((g - t) ** 2).sum() for g, t in zip(grads, target))
+        loss.backward(inputs=[dummy])
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+    return dummy
+
+
 def lean_trainer(steps: int, tmp_path: Any, **overrides: Any) -> pl.Trainer:
     """A CPU Trainer without logger, progress bar or checkpoints, for ``steps`` optimiser steps."""
     kwargs: dict[str, Any] = dict(

@@ -16,6 +16,7 @@ from lightning_gi.objectives.priors import BNStatisticsPrior, TotalVariation
 from lightning_gi.observation import capture_observation
 from lightning_gi.victim import LeNet, TensorBatchVictim
 from lightning_gi.victim.datamodule import AttackInputs
+from factories import plain_idlg_lbfgs
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::item")
 
@@ -82,20 +83,7 @@ def test_multi_step_lbfgs_equals_plain_pytorch_lbfgs(lean_trainer_kwargs, hooked
     pl.Trainer(max_steps=5, callbacks=[hook] if hooked else [], **lean_trainer_kwargs).fit(attack, TensorBatchVictim(model, image, label))
     assert attack.trainer.global_step == 5
 
-    params = list(model.parameters())
-    target = [g.detach() for g in torch.autograd.grad(nn.functional.cross_entropy(model(image), label), params)]
-    dummy = torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(5)).requires_grad_(True)
-    opt = torch.optim.LBFGS([dummy], lr=1.0, max_iter=20, history_size=100)
-
-    def closure():
-        opt.zero_grad()
-        grads = torch.autograd.grad(nn.functional.cross_entropy(model(dummy), label), params, create_graph=True)
-        loss = sum(((g - t) ** 2).sum() for g, t in zip(grads, target))
-        loss.backward(inputs=[dummy])
-        return loss
-
-    for _ in range(5):
-        opt.step(closure)
+    dummy = plain_idlg_lbfgs(model, image, label, seed=5, steps=5)
     torch.testing.assert_close(attack.dummy_images.detach(), dummy.detach(), rtol=0, atol=0)
 
 

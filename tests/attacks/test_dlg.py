@@ -2,11 +2,11 @@
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch import nn
 
 from lightning_gi.attacks import DLG, IDLG
 from lightning_gi.victim import LeNet, TensorBatchVictim
 from lightning_gi.victim.data import BundledPhotographs
+from factories import plain_idlg_lbfgs
 
 
 def _victim(seed=0, image_size=16, index=3):
@@ -41,20 +41,7 @@ def test_attack_equals_plain_pytorch_lbfgs(lean_trainer_kwargs):
     attack = IDLG(seed=5)
     pl.Trainer(max_steps=5, **lean_trainer_kwargs).fit(attack, TensorBatchVictim(model, image, label))
 
-    params = list(model.parameters())
-    target = [g.detach() for g in torch.autograd.grad(nn.functional.cross_entropy(model(image), label), params)]
-    dummy = torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(5)).requires_grad_(True)
-    opt = torch.optim.LBFGS([dummy], lr=1.0, max_iter=20, history_size=100)
-
-    def closure():
-        opt.zero_grad()
-        grads = torch.autograd.grad(nn.functional.cross_entropy(model(dummy), label), params, create_graph=True)
-        loss = sum(((g - t) ** 2).sum() for g, t in zip(grads, target))
-        loss.backward(inputs=[dummy])
-        return loss
-
-    for _ in range(5):
-        opt.step(closure)
+    dummy = plain_idlg_lbfgs(model, image, label, seed=5, steps=5)
     torch.testing.assert_close(attack.dummy_images.detach(), dummy.detach(), rtol=0, atol=0)
 
 
