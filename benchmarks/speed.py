@@ -90,6 +90,31 @@ def write(name: str, settings: dict[str, Any], device: torch.device, results: li
                         out=name if as_path else directory, env=environment(str(device)))
 
 
+class Seconds(float):
+    """Wall-clock seconds (the float value) with the process's CPU seconds over the same interval (``cpu``).
+
+    On a machine shared with other jobs the wall time of a one-thread run includes the time it waited for a core;
+    its CPU time does not, so CPU-time ratios are the steadier estimate of the framework's own cost (both are
+    reported; the bars are judged on wall time)."""
+
+    cpu: float
+
+    def __new__(cls, wall: float, cpu: float) -> "Seconds":
+        obj = super().__new__(cls, wall)
+        obj.cpu = cpu
+        return obj
+
+
+class Clock:
+    """Starts at construction; :meth:`seconds` is the wall and CPU time since then."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def seconds(self) -> Seconds:
+        return Seconds(time.perf_counter() - self.wall, time.process_time() - self.cpu)
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "pairs": values}
 
@@ -146,7 +171,7 @@ def plain_loop(
         return obj
 
     sync(device)
-    t0 = time.perf_counter()
+    clock = Clock()
     for _ in range(steps):
         if lbfgs:
             opt.step(closure)
@@ -159,7 +184,7 @@ def plain_loop(
         if sched is not None:
             sched.step()
     sync(device)
-    return time.perf_counter() - t0, dummy.detach()
+    return clock.seconds(), dummy.detach()
 
 
 # ----------------------------------------------------------------------------------------------------- our loop
@@ -175,22 +200,22 @@ class LoopTimer:
             the optimiser steps inside the timed window (several per batch under ``steps_per_call``)."""
 
             def __init__(self) -> None:
-                self.start: Optional[float] = None
+                self.start: Optional[Clock] = None
                 self.start_step = 0
                 self.steps = 0
-                self.seconds = 0.0
+                self.seconds = Seconds(0.0, 0.0)
                 self.skip = skip
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 if self.start is None and batch_idx >= self.skip:
                     sync(device)
-                    self.start = time.perf_counter()
+                    self.start = Clock()
                     self.start_step = trainer.global_step
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 if self.start is not None:
                     sync(device)
-                    self.seconds = time.perf_counter() - self.start
+                    self.seconds = self.start.seconds()
                     self.steps = trainer.global_step - self.start_step
 
         return _Timer()
@@ -216,7 +241,8 @@ def our_loop(attack, model, images, labels, steps: int, device: torch.device, wa
         )
         trainer.fit(attack, TensorBatchVictim(model, images.cpu(), labels.cpu(), share_labels=True))
     if warmup:
-        timer.seconds *= steps / max(1, timer.steps)
+        f = steps / max(1, timer.steps)
+        timer.seconds = Seconds(timer.seconds * f, timer.seconds.cpu * f)
     dummies = getattr(attack, "dummy_images", None)
     if isinstance(dummies, torch.Tensor) and dummies.dim() >= 4:
         dummies = dummies.detach().reshape(-1, *dummies.shape[-3:])[: images.shape[0]]
@@ -277,7 +303,9 @@ def alternate(name: str, pairs: int, plain: Callable[[int], tuple[float, torch.T
             x_o = finals[k]
             if x_o is not None and x_p is not None and x_o.shape == x_p.shape:
                 diffs[k] = max(diffs.get(k, 0.0), float((x_o.float().cpu() - x_p.float().cpu()).abs().max()))
-        print(f"{name} pair {r}: plain {steps / t_p:.2f} it/s; " + ", ".join(f"{k} {steps / v[-1]:.2f}" for k, v in ours_t.items()), flush=True)
+        print(f"{name} pair {r}: plain {steps / t_p:.2f} it/s; " + ", ".join(f"{k} {steps / v[-1]:.2f}" for k, v in ours_t.items())
+              + " (cpu-time ratios " + ", ".join(f"{k} {getattr(t_p, 'cpu', 0) / max(getattr(v[-1], 'cpu', 0), 1e-12):.3f}" for k, v in ours_t.items()) + ")",
+              flush=True)
     out: dict[str, Any] = {
         "case": name,
         "steps": steps,
@@ -285,6 +313,9 @@ def alternate(name: str, pairs: int, plain: Callable[[int], tuple[float, torch.T
         "plain_ms_per_step": 1000 * statistics.median(plain_t) / steps,
         "variants": {},
     }
+    cpu_plain = [getattr(t, "cpu", None) for t in plain_t]
+    if None not in cpu_plain:
+        out["plain_cpu_ms_per_step"] = 1000 * statistics.median(cpu_plain) / steps
     for k, ts in ours_t.items():
         ratios = [p / o for p, o in zip(plain_t, ts)]
         out["variants"][k] = {
@@ -292,6 +323,10 @@ def alternate(name: str, pairs: int, plain: Callable[[int], tuple[float, torch.T
             "ratio_vs_plain": spread(ratios),
             "max_abs_diff_final_dummies_vs_plain": diffs.get(k),
         }
+        cpu_ours = [getattr(t, "cpu", None) for t in ts]
+        if None not in cpu_plain and None not in cpu_ours:  # CPU-time ratio: the steadier figure on a shared machine
+            out["variants"][k]["cpu_ms_per_step"] = 1000 * statistics.median(cpu_ours) / steps
+            out["variants"][k]["cpu_ratio_vs_plain"] = spread([p / o for p, o in zip(cpu_plain, cpu_ours)])
         b = bar.get(k) if isinstance(bar, dict) else bar
         if b is not None:
             out["variants"][k]["bar"] = b
@@ -429,6 +464,7 @@ def restarts_case(model, images, labels, restarts: int, steps: int, pairs: int, 
         out["variants"][mode] = {
             "ms_per_step": 1000 * statistics.median(ts) / steps,
             "ratio_vs_sequential": spread([s / t for s, t in zip(times["sequential"], ts)]),
+            "cpu_ratio_vs_sequential": spread([s.cpu / t.cpu for s, t in zip(times["sequential"], ts)]),
         }
     return out
 
@@ -555,7 +591,7 @@ def gias_case(name: str, res_px: int, steps: int, pairs: int, device: torch.devi
         opt = torch.optim.Adam([z], lr=3e-2)
         match = cosine_match(tsq)
         sync(device)
-        t0 = time.perf_counter()
+        clock = Clock()
         for _ in range(steps):
             x = (gen(z, None, noise_mode="const") + 1) / 2
             grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), labels), params, create_graph=True)
@@ -563,7 +599,7 @@ def gias_case(name: str, res_px: int, steps: int, pairs: int, device: torch.devi
             z.grad = g
             opt.step()
         sync(device)
-        return time.perf_counter() - t0, None
+        return clock.seconds(), None
 
     def ours(r: int):
         attack = GIAS(generator=gen, pretrained=False, latent_steps=steps, param_steps=0, milestone_fractions=None,

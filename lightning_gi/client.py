@@ -98,17 +98,23 @@ def client_gradient(
     (With ``create_graph`` on the model's own parameters the returned buffers dict is empty: nothing was shared.)
     """
     if create_graph and buffers is None and (params is None or _are_parameters_of(params, model)):
-        # the attacker's hot path: the module's own (grad-requiring) parameters, called directly (no
-        # functional_call re-binding per step); train-mode BN statistics still go to throw-away copies
         ps = list(model.parameters()) if params is None else list(params)
-        with torch.enable_grad():
-            loss = cross_entropy(forward_keeping_buffers(model, images), targets, reduction)
-            return list(torch.autograd.grad(loss, ps, create_graph=True)), {}
+        return own_parameter_gradient(model, images, targets, ps, reduction), {}
     names, ps, bufs = _state(model, params, buffers, detach=not create_graph)
     with torch.enable_grad():
         logits = functional_call(model, (dict(zip(names, ps)), bufs), (images,))
         grads = torch.autograd.grad(cross_entropy(logits, targets, reduction), ps, create_graph=create_graph)
     return [g if create_graph else g.detach() for g in grads], bufs
+
+
+def own_parameter_gradient(model: nn.Module, images: Tensor, targets: Tensor, params: Sequence[Tensor],
+                           reduction: str = "mean") -> list[Tensor]:
+    """The attacker's hot path of :func:`client_gradient` (``create_graph``, no given buffers): ``params`` must be
+    ``model.parameters()`` themselves, in order, all requiring grad (the caller checked it once). The module is
+    called directly (no functional_call re-binding per step); train-mode BN statistics go to throw-away copies."""
+    with torch.enable_grad():
+        loss = cross_entropy(forward_keeping_buffers(model, images), targets, reduction)
+        return list(torch.autograd.grad(loss, params, create_graph=True))
 
 
 def _are_parameters_of(params: Sequence[Tensor], model: nn.Module) -> bool:

@@ -87,6 +87,48 @@ def test_multi_step_lbfgs_equals_plain_pytorch_lbfgs(lean_trainer_kwargs, hooked
     torch.testing.assert_close(attack.dummy_images.detach(), dummy.detach(), rtol=0, atol=0)
 
 
+class _BackwardHook(pl.Callback):
+    """A callback hooked on backward: every L-BFGS evaluation must then go through Lightning's closure."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_after_backward(self, trainer, pl_module):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_automatic_lbfgs_runs_lightnings_closure_once_per_step(lean_trainer_kwargs, hooked):
+    """iDLG with L-BFGS under automatic optimisation (steps_per_call 1): Lightning's closure (training_step and its
+    hooks) runs for the first of the ~20 evaluations of each step and the rest run directly, unless a callback
+    hooks backward (then every evaluation goes through Lightning); the iterate equals plain PyTorch L-BFGS exactly
+    either way, and every evaluation updates the best iterate."""
+    torch.manual_seed(2)
+    model = LeNet(num_classes=10, image_size=16)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    label = torch.tensor([6])
+    attack = IDLG(seed=5)
+    counts = {"training_step": 0, "evaluate": 0, "update_best": 0}
+    for name in counts:
+        original = getattr(attack, name)
+
+        def counted(*a, __name=name, __orig=original, **k):
+            counts[__name] += 1
+            return __orig(*a, **k)
+
+        setattr(attack, name, counted)
+    hook = _BackwardHook()
+    pl.Trainer(max_steps=3, callbacks=[hook] if hooked else [], **lean_trainer_kwargs).fit(attack, TensorBatchVictim(model, image, label))
+    assert attack.trainer.global_step == 3
+    dummy = plain_idlg_lbfgs(model, image, label, seed=5, steps=3)
+    torch.testing.assert_close(attack.dummy_images.detach(), dummy.detach(), rtol=0, atol=0)
+    evaluations = counts["evaluate"]
+    assert evaluations > 3 * 5  # L-BFGS evaluated the objective many times per step
+    assert counts["update_best"] >= evaluations  # (+1: the final iterate, scored at the end)
+    assert counts["training_step"] == (evaluations if hooked else 3)
+    assert hook.calls == (evaluations if hooked else 0)
+
+
 def test_bad_steps_per_call():
     with pytest.raises(ValueError, match="steps_per_call"):
         IDLG(steps_per_call=0)

@@ -27,7 +27,7 @@ import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..client import ThreatModel, client_gradient
+from ..client import ThreatModel, own_parameter_gradient
 from ..labels import LabelStrategy
 from ..objectives.distances import squared_l2
 from ..objectives.matching import MatchingObjective
@@ -383,7 +383,9 @@ class GradientInversionAttack(pl.LightningModule):
             self.shard.check_local_batch(images.shape[0], self.batch_size, self)
             if targets.shape[0] != images.shape[0]:
                 targets = targets[self.local_slice]  # full-batch labels, this rank's images
-        grads, _ = client_gradient(self.victim, images, targets, self._victim_params, create_graph=True, reduction=reduction)
+        # client_gradient's hot path without its per-call check: bind() listed the victim's own parameters and made
+        # them require grad (a parameter replaced or frozen since then makes autograd.grad raise, never a silent mix)
+        grads = own_parameter_gradient(self.victim, images, targets, self._victim_params, reduction)
         return self.reduce_gradients(grads)
 
     def reduce_gradients(self, grads: list[Tensor]) -> list[Tensor]:
@@ -535,8 +537,16 @@ class GradientInversionAttack(pl.LightningModule):
         gradient, distance and priors come from its own images alone, so ``d total / d x_r = d L_r / d x_r`` and
         element-wise update rules give every restart the trajectory it would follow alone. With
         :attr:`vectorised_restarts` the R restarts are one vmapped computation (:mod:`.vectorised`)."""
-        images = self.restart_images()
+        single = None if self.vectorised_restarts else self._single_batch()
         targets = self.current_targets()
+        if single is not None:  # one plain dummy batch: evaluated without the restart view (two autograd nodes less)
+            total, distance, terms_sum, _ = self.batch_objective(single, targets)
+            images, distances = single.unsqueeze(0), distance.reshape(1)
+            for name, value in self.extra_terms().items():
+                terms_sum[name] = value
+                total = total + value
+            return total, distances, images, terms_sum
+        images = self.restart_images()
         if self.vectorised_restarts:
             from .vectorised import vectorised_objective
 
@@ -559,6 +569,16 @@ class GradientInversionAttack(pl.LightningModule):
             terms_sum[name] = value
             total = total + value
         return total, distances, images, terms_sum
+
+    def _single_batch(self) -> Optional[Tensor]:
+        """The unknowns themselves when they are ONE plain dummy batch ``[N, C, H, W]`` (no restart dimension, the
+        core's :meth:`restart_images`), else None: :meth:`evaluate` then skips the ``[1, N, ...]`` view and its index."""
+        if type(self).restart_images is not GradientInversionAttack.restart_images:
+            return None
+        images = self._parameters.get("dummy_images")
+        if images is None or images.dim() != len(self.inputs.image_shape) + 1:
+            return None
+        return images
 
     def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
         if not self.automatic_optimization and self.steps_per_call > 1:
@@ -632,21 +652,20 @@ class GradientInversionAttack(pl.LightningModule):
         """:meth:`multi_step` for closure optimisers (L-BFGS): each closure evaluation is what automatic
         optimisation evaluates (zero_grad, objective, best-iterate update, backward, ``on_before_optimizer_step``),
         so the iterates equal plain PyTorch L-BFGS."""
-        logged = [not log]
+        if fast:
+            closure = self._direct_closure(raw, log)
+        else:
+            logged = [not log]
 
-        def closure() -> Tensor:
-            raw.zero_grad(set_to_none=True)
-            loss, distance, images, terms = self.evaluate()
-            self.update_best(distance.detach(), images.detach())
-            if not logged[0]:
-                self.log_step(distance.detach(), terms)
-                logged[0] = True
-            if fast:
-                self.backward(loss)
-                self.on_before_optimizer_step(raw)
-            else:
+            def closure() -> Tensor:
+                raw.zero_grad(set_to_none=True)
+                loss, distance, images, terms = self.evaluate()
+                self.update_best(distance.detach(), images.detach())
+                if not logged[0]:
+                    self.log_step(distance.detach(), terms)
+                    logged[0] = True
                 self.manual_backward(loss)
-            return loss
+                return loss
 
         loss = None
         for _ in range(k):
@@ -661,6 +680,26 @@ class GradientInversionAttack(pl.LightningModule):
                 sched.step()
         return loss.detach()
 
+    def _direct_closure(self, raw: torch.optim.Optimizer, log: bool = False) -> Callable[[], Tensor]:
+        """One closure evaluation without Lightning's per-evaluation hooks (only where
+        :meth:`_direct_steps_allowed`): zero_grad, objective, best-iterate update (on device), backward w.r.t. the
+        unknowns, ``on_before_optimizer_step``: the operations automatic optimisation runs, in its order of effect.
+        ``log``: the first evaluation logs (:meth:`log_step`)."""
+        pending_log = [log]
+
+        def closure() -> Tensor:
+            raw.zero_grad(set_to_none=True)
+            loss, distance, images, terms = self.evaluate()
+            self.update_best(distance.detach(), images.detach())
+            if pending_log[0]:
+                self.log_step(distance.detach(), terms)
+                pending_log[0] = False
+            self.backward(loss)
+            self.on_before_optimizer_step(raw)
+            return loss
+
+        return closure
+
     def _direct_steps_allowed(self) -> bool:
         cached = getattr(self, "_direct_steps", None)
         if cached is not None and cached[0] == id(self.trainer):
@@ -670,12 +709,15 @@ class GradientInversionAttack(pl.LightningModule):
         from pytorch_lightning.utilities.model_helpers import is_overridden
 
         trainer = self.trainer
-        hooks = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+        hooks = ("on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad")
+        own = ("on_before_backward", "on_after_backward", "on_before_zero_grad", "optimizer_zero_grad")
         ok = (
             type(trainer.precision_plugin) is Precision
             and isinstance(trainer.strategy, SingleDeviceStrategy)
             and not any(is_overridden(h, cb, pl.Callback) for cb in trainer.callbacks for h in hooks)
-            and not any(is_overridden(h, self, GradientInversionAttack) for h in ("on_before_backward", "on_after_backward"))
+            and not any(is_overridden(h, self, GradientInversionAttack) for h in own)
+            and not trainer.gradient_clip_val  # clipping happens in Lightning's wrapper
+            and trainer.accumulate_grad_batches == 1
             and hasattr(self.optimizers(), "_on_before_step")
         )
         self._direct_steps = (id(trainer), ok)
@@ -684,8 +726,30 @@ class GradientInversionAttack(pl.LightningModule):
     def after_optimizer_step(self) -> None:
         """Called after every optimiser step (automatic and manual); e.g. projections of the unknowns."""
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Optional[Callable[[], Any]] = None) -> None:
+        """Automatic optimisation's step. For a closure optimiser (L-BFGS: about 20 objective evaluations per step)
+        where :meth:`_direct_steps_allowed`, only the FIRST evaluation runs through Lightning's closure
+        (``training_step``, its hooks, the step's recorded loss and logs); the others run :meth:`_direct_closure`,
+        which does the same operations without Lightning's ~10 hook calls per evaluation. The iterates are those of
+        plain PyTorch L-BFGS either way (``tests/attacks/test_dlg.py``)."""
+        raw = getattr(optimizer, "optimizer", optimizer)
+        if optimizer_closure is not None and isinstance(raw, torch.optim.LBFGS) and self._direct_steps_allowed():
+            direct = self._direct_closure(raw)
+            first = [True]
+
+            def closure() -> Any:
+                if first[0]:
+                    first[0] = False
+                    loss = optimizer_closure()
+                    self.on_before_optimizer_step(raw)  # what Lightning's precision plugin calls after its closure
+                    return loss
+                return direct()
+
+            optimizer._on_before_step()
+            raw.step(closure)
+            optimizer._on_after_step()
+        else:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self.after_optimizer_step()
 
     def _should_log(self, steps: int = 1) -> bool:
@@ -762,7 +826,7 @@ class GradientInversionAttack(pl.LightningModule):
             c = cond if r == 1 else better.view(-1, *([1] * (value.dim() - 1)))
             buffers[f"best_{name}"] = torch.where(c, value.detach(), buffers[f"best_{name}"])
         if r == 1:  # views: no kernel
-            buffers["best_loss"], buffers["best_images"] = kept[0], kept_images[0]
+            buffers["best_loss"], buffers["best_images"] = kept.squeeze(0), kept_images.squeeze(0)
         else:
             leader = torch.argmin(kept)
             buffers["best_loss"], buffers["best_images"] = _pick(kept, leader), _pick(kept_images, leader)

@@ -158,6 +158,33 @@ def test_checking_every_k_steps_restores_a_finite_state(lean_trainer_kwargs):
     assert float(attack.best_loss) < float("inf")
 
 
+def test_deferred_checks_act_one_check_later(lean_trainer_kwargs):
+    """check_mode="deferred" (the default on CUDA, where reading a check at once would block the host; forced here
+    on the CPU): each check is read at the next one, so a NaN injected at step 6 is found at step 7 and the
+    unknowns go back to the snapshot of step 3, taken when its own check had read finite."""
+    model, image, label = _case()
+    guard = DivergenceGuard(snapshot_every_n_steps=3, max_restores=1, check_mode="deferred")
+    attack = IDLG(optimizer=_adam, seed=0)
+    trainer = pl.Trainer(max_steps=20, callbacks=[_InjectNaN([6]), guard], **lean_trainer_kwargs)
+    trainer.fit(attack, TensorBatchVictim(model, image, label))
+    assert guard.events == [{"step": 6, "restored_to": 3, "found_at_step": 7}]
+    assert trainer.global_step == 20 and torch.isfinite(attack.dummy_images).all()
+
+
+def test_deferred_checks_still_stop_a_persistent_divergence(lean_trainer_kwargs):
+    model, image, label = _case()
+    guard = DivergenceGuard(snapshot_every_n_steps=5, max_restores=2, check_mode="deferred")
+    trainer = pl.Trainer(max_steps=50, callbacks=[_InjectNaN(range(4, 50)), guard], **lean_trainer_kwargs)
+    with pytest.raises(DivergenceError, match="after 2 consecutive restores"):
+        trainer.fit(IDLG(optimizer=_adam, seed=0), TensorBatchVictim(model, image, label))
+    assert trainer.global_step < 12
+
+
+def test_bad_check_mode():
+    with pytest.raises(ValueError, match="check_mode"):
+        DivergenceGuard(check_mode="sometimes")
+
+
 def test_nan_unknowns_from_a_checkpoint_give_a_clear_error(tmp_path, lean_trainer_kwargs):
     """Resuming from a checkpoint whose unknowns are NaN: the monitor (which runs first) does not crash,
     the guard stops the run with a message naming the cause."""
