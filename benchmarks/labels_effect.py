@@ -7,7 +7,7 @@ runs: each strategy's recovered labels vs the true labels (``SharedLabels``, the
 Same observation, same initial dummies, same budget per seed. PSNR after the Hungarian matching of the
 run's report (``metrics.json``).
 
-    python -m benchmarks.labels_effect [--seeds 2] [--steps 300] [--smoke]
+    python -m benchmarks.labels_effect [--seeds 10] [--steps 300] [--smoke]
 """
 from __future__ import annotations
 
@@ -35,12 +35,22 @@ STRATEGIES: dict[str, list[str]] = {
              f"--model.init_args.label_strategy.init_args.std={STD}"],
     "idlg": ["--model.init_args.label_strategy=lightning_gi.labels.IDLGLabels"],
     "llg": ["--model.init_args.label_strategy=lightning_gi.labels.LLG"],
+    "ilrg": ["--model.init_args.label_strategy=lightning_gi.labels.ILRG"],
+    "bias_counts": ["--model.init_args.label_strategy=lightning_gi.labels.BiasCounts"],
+    "bias-corrected": ["--model.init_args.label_strategy=lightning_gi.labels.BiasCorrectedLabels"],
+    "wainakh": ["--model.init_args.label_strategy=lightning_gi.labels.WainakhLabels",
+                "--model.init_args.label_strategy.init_args.input_shape=[3,32,32]"],
+    "yin": ["--model.init_args.label_strategy=lightning_gi.labels.YinLabels"],
+    "evolutionary": ["--model.init_args.label_strategy=lightning_gi.labels.EvolutionaryLabelCounts",
+                     "--model.init_args.label_strategy.init_args.image_size=32",
+                     f"--model.init_args.label_strategy.init_args.mean={MEAN}",
+                     f"--model.init_args.label_strategy.init_args.std={STD}"],
 }
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--distinct", type=int, default=3)

@@ -264,3 +264,54 @@ def test_round_counts_is_fast_far_from_the_sum():
     cost = lambda k: float((((np.array(k) - np.clip(x, 0, None)) / sigma) ** 2).sum())  # noqa: E731
     best = min(cost((a, b, 64 - a - b)) for a in range(65) for b in range(65 - a))  # brute force
     assert out.sum() == 64 and (out >= 0).all() and cost(out) == pytest.approx(best)
+
+
+def _fit(model, x, y, steps=150):
+    """Train ``model`` on the batch itself until it is confident on the batch's classes."""
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def test_auto_reads_a_confident_victim_with_the_evolutionary_search(photos):
+    """A victim that has learned the batch's classes: ILRG's count system is ill-conditioned there, so ``auto``
+    switches on the bias-gradient confidence (observable, no ground truth), which tracks the true p."""
+    from lightning_gi.labels.auto import bias_gradient_confidence
+    from lightning_gi.labels.base import classifier_gradients
+
+    x, y, _ = select_batch(photos, 16, seed=1, label_mode="repeated", num_distinct=4)
+    y = 2 * torch.unique(y, return_inverse=True)[1]  # classes 0, 2, 4, 6 of the 10-class head
+    x16 = torch.nn.functional.interpolate(x, size=16)
+    torch.manual_seed(0)
+    untrained = _tiny_cnn(True).eval()
+    obs = capture_observation(untrained, x16, y)
+    auto = AutoLabels(image_size=16)
+    auto(obs, untrained)
+    assert auto.chosen_name == "ilrg" and auto.diagnostics["bias_gradient_confidence"] < 0.6
+
+    torch.manual_seed(0)
+    confident = _fit(_tiny_cnn(True), x16, y)
+    with torch.no_grad():
+        p_true = float(torch.softmax(confident(x16), 1).gather(1, y[:, None]).mean())
+    obs = capture_observation(confident, x16, y)
+    _, db = classifier_gradients(obs, confident)
+    estimate = bias_gradient_confidence(db * 16, 16)
+    assert p_true > 0.8 and abs(estimate - p_true) < 0.1
+    labels = auto(obs, confident)
+    assert auto.chosen_name == "evolutionary" and "confident" in auto.diagnostics["choice_reason"]
+    assert labels.numel() == 16
+    assert AutoLabels(image_size=16, confident_above=1.0).select(obs, confident)[0] == "ilrg"
+
+
+def test_auto_falls_back_to_bias_corrected_on_a_confident_victim_without_public_statistics():
+    """One-channel confident victim with a bias: the search cannot run, so breaching's bias-corrected LLG is used."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    x, y = torch.rand(6, 1, 8, 8), torch.tensor([3, 3, 8, 1, 1, 1])
+    _fit(model, x, y, steps=200)
+    auto = AutoLabels(image_size=8)
+    auto(capture_observation(model, x, y), model)
+    assert auto.chosen_name == "bias-corrected" and "failed" in auto.diagnostics["choice_reason"]
