@@ -145,6 +145,7 @@ def run_state(victim: str, state: str, model, attack: Items, args, norm, size) -
     for n, k in args.cases:
         stats = {name: {"exact": [], "off": [], "seconds": 0.0, "errors": 0} for name in strategies}
         chosen: dict[str, int] = {}
+        confidence: list[float] = []  # auto's bias-gradient confidence (its estimate of p_true)
         for seed in range(args.seeds):
             x, y, _ = select_batch(attack, n, seed=1000 * n + seed, label_mode="repeated", num_distinct=k)
             x = (x - mean) / std
@@ -167,6 +168,8 @@ def run_state(victim: str, state: str, model, attack: Items, args, norm, size) -
                 stats[name]["off"].append(float(np.abs(got - truth).sum() / 2))
                 if name == "auto":
                     chosen[strategy.chosen_name] = chosen.get(strategy.chosen_name, 0) + 1
+                    if "bias_gradient_confidence" in strategy.diagnostics:
+                        confidence.append(float(strategy.diagnostics["bias_gradient_confidence"]))
         for name, s in stats.items():
             if not s["exact"] and not s["errors"]:
                 continue
@@ -179,6 +182,8 @@ def run_state(victim: str, state: str, model, attack: Items, args, norm, size) -
             }
             if name == "auto":
                 row["auto_chose"] = chosen
+                if confidence:
+                    row["auto_bias_gradient_confidence"] = float(np.mean(confidence))
             rows.append(row)
             print(f"{victim:12s} {state:9s} N={n:3d}/{k:2d} {name:15s} exact={row['exact']} off={row['labels_off']}", flush=True)
     for r in rows:
