@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 17's GPU suite: one prepared script, under 8 minutes on one H200, JSON out.
 #
-# ms/iteration and peak memory, each case against a plain PyTorch loop in the same run (alternating pairs):
+# First, host syncs inside the step (case sync_free_step: Inverting Gradients with the DivergenceGuard under
+# torch.cuda.set_sync_debug_mode("warn"); bar 0 per step). Then ms/iteration and peak memory, each case against a
+# plain PyTorch loop in the same run (alternating pairs):
 #   Inverting Gradients ResNet-18 224 batch 1 and 8 (eager and, with compile, compiled), the stepwise recipe
 #   ResNet-34 224 batch 8, R=8 restarts vectorised vs sequential vs auto, GIAS StyleGAN2 256 and 512 (random
 #   weights). Output: benchmarks/results/speed_gpu.json (with --smoke: speed_smoke.json in the temp directory

@@ -1,4 +1,4 @@
-"""Vectorised vs sequential restarts: restarts per second at R = 8 (sigmoid LeNet and ResNet-18, 32x32).
+"""Vectorised vs sequential restarts: restarts per second at R = 8 (sigmoid LeNet, ConvNet width 32, ResNet-18; 32x32).
 
 One optimisation step of R restarts (Inverting Gradients objective: cosine distance + TV, Adam, boxed) is
 timed for :class:`ImagePriorAttack` with ``restart_mode="sequential"`` (restarts one after the other) and
@@ -30,10 +30,16 @@ def _victim(name: str, num_classes: int = 10) -> torch.nn.Module:
     from lightning_gi.victim import LeNet
     from lightning_gi.victim.models import torchvision_classifier
 
+    from lightning_gi.victim.models import ConvNet
+
     torch.manual_seed(0)
     if name == "lenet":
         return LeNet(num_classes=num_classes, image_size=32).eval()
-    return torchvision_classifier("resnet18", num_classes=num_classes).eval()
+    if name in ("convnet", "convnet64"):
+        return ConvNet(num_classes=num_classes, width=64 if name == "convnet64" else 32, depth=3, image_size=32).eval()
+    if name not in ("resnet18", "resnet34"):
+        raise ValueError(f"unknown victim {name!r}: lenet, convnet, convnet64, resnet18 or resnet34")
+    return torchvision_classifier(name, num_classes=num_classes).eval()
 
 
 def _bound(mode: str, name: str, restarts: int, batch: int, device: torch.device):
@@ -75,13 +81,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(attack, opt, steps: int, device: torch.device) -> float:
+def _time(attack, opt, steps: int, device: torch.device) -> tuple[float, float]:
+    """(wall, process CPU) seconds of ``steps`` steps: on a shared machine the CPU time is the steadier figure."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         _step(attack, opt)
     _sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _peak_memory(mode, name, restarts, batch, device) -> float | None:
@@ -105,11 +112,14 @@ def bench(name: str, restarts: int, batch: int, steps: int, rounds: int, device:
     d_seq, d_vec = _step(*seq), _step(*vec)  # also the warm-up
     max_rel_diff = float(((d_vec - d_seq).abs() / d_seq.abs().clamp_min(1e-12)).max())
     _step(*seq), _step(*vec)
-    t_seq, t_vec = [], []
-    for _ in range(rounds):
-        t_seq.append(_time(*seq, steps, device) / steps)
-        t_vec.append(_time(*vec, steps, device) / steps)
+    t_seq, t_vec, c_seq, c_vec = [], [], [], []
+    for r in range(rounds):
+        for mode in (("seq", "vec") if r % 2 == 0 else ("vec", "seq")):  # the order alternates too
+            wall, cpu = _time(*(seq if mode == "seq" else vec), steps, device)
+            (t_seq if mode == "seq" else t_vec).append(wall / steps)
+            (c_seq if mode == "seq" else c_vec).append(cpu / steps)
     ratios = [s / v for s, v in zip(t_seq, t_vec)]
+    cpu_ratios = [s / v for s, v in zip(c_seq, c_vec)]
     out = {
         "victim": name,
         "restarts": restarts,
@@ -122,6 +132,8 @@ def bench(name: str, restarts: int, batch: int, steps: int, rounds: int, device:
         "vectorised_restarts_per_s": restarts / statistics.median(t_vec),
         "ratio_median": statistics.median(ratios),
         "ratio_per_round": ratios,
+        "cpu_ratio_median": statistics.median(cpu_ratios),
+        "cpu_ratio_per_round": cpu_ratios,
         "first_step_distance_max_rel_diff": max_rel_diff,
     }
     del seq, vec
@@ -145,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lenet-steps", type=int, default=20)
     parser.add_argument("--resnet-steps", type=int, default=3)
-    parser.add_argument("--victims", default="lenet,resnet18")
+    parser.add_argument("--victims", default="lenet,convnet,resnet18", help="comma-separated: lenet, convnet (width 32), convnet64, resnet18, resnet34")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.smoke:
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     results = []
     for name in args.victims.split(","):
-        steps = args.lenet_steps if name == "lenet" else args.resnet_steps
+        steps = args.lenet_steps if name in ("lenet", "convnet", "convnet64") else args.resnet_steps
         if device.type == "cuda":
             steps *= 10
         results.append(bench(name, args.restarts, args.batch, steps, args.rounds, device))

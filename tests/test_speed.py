@@ -232,13 +232,20 @@ def test_prepared_distance_recomputed_on_schedule_change():
 
 
 def test_auto_restart_mode_per_device():
+    """auto: vectorised on CUDA; on a CPU only for small victims (LeNet yes, ResNet-18 no: measured faster that way)."""
+    from lightning_gi.victim.models import torchvision_classifier
+
     model, _, _ = _lenet_case()
     model.eval()
-    assert not auto_vectorise(torch.device("cpu"), 8, model, [])
+    assert auto_vectorise(torch.device("cpu"), 8, model, [])
     assert auto_vectorise(torch.device("cuda"), 8, model, [TotalVariation(1e-4)])
     assert not auto_vectorise(torch.device("cuda"), 1, model, [])
+    assert not auto_vectorise(torch.device("cpu"), 1, model, [])
     assert not auto_vectorise(torch.device("cuda"), 8, model, [BNStatisticsPrior(0.1)])
-    assert _bound_ig(restarts=4).vectorised_restarts is False  # bound on CPU: sequential
+    resnet = torchvision_classifier("resnet18", num_classes=10).eval()
+    assert not auto_vectorise(torch.device("cpu"), 8, resnet, [])
+    assert auto_vectorise(torch.device("cuda"), 8, resnet, [])
+    assert _bound_ig(restarts=4).vectorised_restarts is True  # the LeNet bound on CPU: vectorised
     with pytest.raises(ValueError, match="restart_mode"):
         InvertingGradients(restart_mode="fast")
 

@@ -21,9 +21,13 @@ def test_gpu_suite_smoke_writes_every_case(tmp_path):
     assert set(payload) == {"benchmark", "settings", "environment", "results"}
     assert payload["settings"]["smoke"] is True and payload["environment"]["device"] == "cpu"
     rows = payload["results"]  # one flat row per (case, variant)
-    assert {r["case"] for r in rows} == {"ig_resnet18_32_b1", "ig_resnet18_32_b8", "stepwise_resnet34_32_b8", "restarts_r8_resnet18_32", "gias_stylegan2_32"}
+    assert {r["case"] for r in rows} == {"sync_free_step", "ig_resnet18_32_b1", "ig_resnet18_32_b8", "stepwise_resnet34_32_b8",
+                                         "restarts_r8_resnet18_32", "gias_stylegan2_32"}
     for r in rows:
-        assert r["ms_per_step"] > 0
+        if r["case"] != "sync_free_step":
+            assert r["ms_per_step"] > 0
+    (sync,) = [r for r in rows if r["case"] == "sync_free_step"]
+    assert sync["steps_counted"] >= 2 and sync["meets_bar"] is True
     assert {r["auto_chose"] for r in rows if r["case"] == "restarts_r8_resnet18_32"} == {"sequential"}  # CPU
     # ours and the plain loop start from the same dummies and run the same Inverting Gradients math
     (ours,) = [r for r in rows if r["case"] == "ig_resnet18_32_b1" and r["variant"] == "ours_eager"]

@@ -348,7 +348,9 @@ class GradientInversionAttack(pl.LightningModule):
     # ------------------------------------------------------------------ restart modes
     def resolve_restart_mode(self, model: nn.Module, device: torch.device) -> bool:
         """Whether this run evaluates its restarts as one vmapped computation (see ``restart_mode``): "vectorised"
-        (raises when the victim or priors cannot), "sequential", or "auto" (vectorised on CUDA for R > 1 when eligible)."""
+        (raises when the victim or priors cannot), "sequential", or "auto" (for R > 1 when eligible: vectorised on CUDA, and
+        on a CPU for small victims, :func:`~lightning_gi.attacks.vectorised.auto_vectorise`; sequential under ``compile``,
+        which compiles the per-restart step)."""
         from .vectorised import auto_vectorise, vectorisable
 
         if self.restart_mode not in RESTART_MODES:
@@ -359,7 +361,7 @@ class GradientInversionAttack(pl.LightningModule):
             if reason is not None:
                 raise ValueError(reason)
             return True
-        if self.restart_mode == "sequential" or not single:
+        if self.restart_mode == "sequential" or not single or self.compile:
             return False
         return auto_vectorise(device, self.restarts, model, list(self.priors))
 

@@ -125,9 +125,10 @@ class ImagePriorAttack(GradientInversionAttack):
         seed: seed of the initialisations.
         restart_mode: how R > 1 restarts are evaluated: "sequential" (one victim double-backward per
             restart), "vectorised" (one vmapped computation, :mod:`lightning_gi.attacks.vectorised`; victim in
-            eval mode, no BN-statistics prior) or "auto" (default): vectorised on CUDA when eligible, sequential
-            on CPU, where the grouped-convolution backward of vmap made vectorised restarts 0.38x of sequential
-            on ResNet-18 (docs/performance_notes.md). Same objective and trajectories either way.
+            eval mode, no BN-statistics prior) or "auto" (default): vectorised when eligible on CUDA, and on a CPU
+            for victims of at most 250k parameters (LeNet 2.2x); sequential for larger ones on a CPU, where vmap's
+            grouped-convolution backward made vectorised restarts 0.32x of sequential on ResNet-18
+            (docs/performance_notes.md). Same objective and trajectories (to float round-off) either way.
         steps_per_call, compile: see :class:`GradientInversionAttack`.
     """
 

@@ -12,7 +12,8 @@ many-restart recipes that is dominated by per-call overhead. Here the R restarts
   gradient, and differentiating ``sum_r D_r`` with respect to ``x`` gives each restart its own gradient;
 * the distances are vmapped over restarts too (a loop when a distance cannot be vmapped), priors loop.
 
-This is an option of the core (``restart_mode: vectorised``, or ``auto`` on CUDA), not a subclass: the core calls
+This is an option of the core (``restart_mode: vectorised``, or ``auto``: on CUDA, and on a CPU for small victims,
+see :func:`auto_vectorise`), not a subclass: the core calls
 :func:`vectorised_objective` and :func:`vectorised_final_distances`. Same objective, same trajectories as the
 sequential restarts (``tests/test_distributed.py`` checks losses and
 iterates), same best-iterate/winner logic. Composes with batch sharding (``gi_shard``: the stacked gradients
@@ -48,9 +49,22 @@ def vectorisable(model: nn.Module, priors: Sequence[nn.Module]) -> Optional[str]
     return None
 
 
+#: On a CPU, vmapped restarts pay off only for small victims: vmap turns each convolution into a grouped one, whose
+#: backward is slow on CPU for wide layers, while a small victim's cost is per-call overhead that batching removes.
+#: Measured (R = 8, 32x32, batch 1, one thread, ``benchmarks/restarts_throughput.py``), vectorised / sequential:
+#: LeNet (16k parameters) 2.2x, ConvNet width 32 (175k) 1.1x, ConvNet width 64 (535k) 0.94x, ResNet-18 (11M) 0.32x.
+CPU_VECTORISE_MAX_PARAMETERS = 250_000
+
+
 def auto_vectorise(device: torch.device, restarts: int, model: nn.Module, priors: Sequence[nn.Module]) -> bool:
-    """The automatic restart mode: vectorised only on CUDA, for R > 1, when the victim and priors allow it."""
-    return torch.device(device).type == "cuda" and restarts > 1 and vectorisable(model, priors) is None
+    """The automatic restart mode, for R > 1 when the victim and priors allow it: vectorised on CUDA; on a CPU only
+    for victims of at most :data:`CPU_VECTORISE_MAX_PARAMETERS` parameters (sequential is faster for larger ones)."""
+    if restarts <= 1 or vectorisable(model, priors) is not None:
+        return False
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return True
+    return kind == "cpu" and sum(p.numel() for p in model.parameters()) <= CPU_VECTORISE_MAX_PARAMETERS
 
 
 def restart_gradients(

@@ -457,21 +457,27 @@ def prepare_distance(distance: object, target: Sequence[Tensor], weights: Weight
     computed once, or None when ``distance`` has no prepared form. Same operations in the same order as the
     plain call, so the value is identical; callers re-prepare when the target, weights or masks change."""
     if distance is squared_l2 or isinstance(distance, SquaredL2Distance):
-        terms = _prepared_terms(target, weights, masks)
+        # per kept tensor: index, target, weight (None: exactly 1, the multiplication is skipped), float mask or None
+        terms = [(i, b, None if _is_one(w) else w, m) for i, b, w, m in _prepared_terms(target, weights, masks)]
         ref = list(target)
+        wide = (torch.float32, torch.float64)
 
         def prepared_l2(dummy: Sequence[Tensor]) -> Tensor:
             _check_dummy(dummy, ref)
-            total = _accumulator(dummy)
+            # 0 + x == x exactly, so a float32/float64 sum starts from its first term (one zeros() and one add less)
+            total = None if dummy and dummy[0].dtype in wide else _accumulator(dummy)
             for i, b, w, m in terms:
-                if dummy[i].shape != b.shape:
-                    raise ValueError(f"gradient {i}: dummy shape {tuple(dummy[i].shape)} != target shape {tuple(b.shape)}")
-                diff = dummy[i] - b
+                a = dummy[i]
+                if a.shape != b.shape:
+                    raise ValueError(f"gradient {i}: dummy shape {tuple(a.shape)} != target shape {tuple(b.shape)}")
+                diff = a - b
                 if m is not None:
                     diff = diff * m
                 sq = diff.pow(2).sum()
-                total = total + (sq if _is_one(w) else w * sq)
-            return total
+                if w is not None:
+                    sq = w * sq
+                total = sq if total is None else total + sq
+            return _accumulator(dummy) if total is None else total
 
         return prepared_l2
     if isinstance(distance, CosineDistance) and not distance.per_layer:
