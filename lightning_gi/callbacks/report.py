@@ -179,6 +179,8 @@ class ReconstructionReport(pl.Callback):
         diagnostics = getattr(strategy, "diagnostics", None)
         if isinstance(diagnostics, dict) and diagnostics:  # which label rule ran and how well its equations closed
             metrics["label_diagnostics"] = diagnostics
+            if diagnostics.get("warning"):  # the rule says its labels are not to be trusted
+                metrics["label_warning"] = str(diagnostics["warning"])
         first = self._first_distance
         ratio = rec["matching_distance"] / first if first is not None and math.isfinite(first) and first > 0 else None
         metrics["distance_ratio"] = ratio
@@ -226,6 +228,8 @@ class ReconstructionReport(pl.Callback):
             lines.append(f"  metrics.json: status {status}, no ground truth (no quality scores)")
         if metrics.get("saturation_warning"):
             lines.append(f"  WARNING: {metrics['saturation_warning']}")
+        if metrics.get("label_warning"):
+            lines.append(f"  WARNING (labels): {metrics['label_warning']}")
         return lines
 
 

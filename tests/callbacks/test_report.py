@@ -217,3 +217,21 @@ def test_label_strategy_diagnostics_reach_metrics_json(tmp_path, lean_trainer_kw
     assert diagnostics["chosen_strategy"] == "ilrg"  # LeNet's head has a bias
     assert diagnostics["counts"] and sum(diagnostics["counts"].values() if isinstance(diagnostics["counts"], dict) else diagnostics["counts"]) == 4
     assert sorted(metrics["recovered_labels"]) == sorted(TRUE_LABELS)
+
+
+class _WarningLabels(SortedSharedLabels):
+    """A label rule that says its labels are not to be trusted (as AutoLabels does on a confident victim)."""
+
+    def recover(self, observation, model):
+        self.note(warning="labels unreliable on this victim")
+        return super().recover(observation, model)
+
+
+def test_a_label_rule_warning_reaches_metrics_and_the_summary(tmp_path, lean_trainer_kwargs, caplog):
+    report = ReconstructionReport(save_every_n_steps=0)
+    attack = IDLG(optimizer=_adam, label_strategy=_WarningLabels(), seed=0)
+    with caplog.at_level(logging.INFO):
+        pl.Trainer(max_steps=2, callbacks=[report], **lean_trainer_kwargs).fit(attack, _victim())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["label_warning"] == "labels unreliable on this victim"
+    assert "WARNING (labels): labels unreliable on this victim" in caplog.text

@@ -291,6 +291,7 @@ def test_auto_reads_a_confident_victim_with_the_evolutionary_search(photos):
     auto = AutoLabels(image_size=16)
     auto(obs, untrained)
     assert auto.chosen_name == "ilrg" and auto.diagnostics["bias_gradient_confidence"] < 0.6
+    assert "warning" not in auto.diagnostics
 
     torch.manual_seed(0)
     confident = _fit(_tiny_cnn(True), x16, y)
@@ -302,6 +303,7 @@ def test_auto_reads_a_confident_victim_with_the_evolutionary_search(photos):
     assert p_true > 0.8 and abs(estimate - p_true) < 0.1
     labels = auto(obs, confident)
     assert auto.chosen_name == "evolutionary" and "confident" in auto.diagnostics["choice_reason"]
+    assert "under-report" in auto.diagnostics["warning"]
     assert labels.numel() == 16
     assert AutoLabels(image_size=16, confident_above=1.0).select(obs, confident)[0] == "ilrg"
 
