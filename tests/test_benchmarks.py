@@ -121,3 +121,20 @@ def test_script_mode_smoke(tmp_path):
     assert row["victim"] == "lenet" and row["restarts"] == 2
     assert row["sequential_s_per_step"] > 0 and row["vectorised_s_per_step"] > 0
     assert row["first_step_distance_max_rel_diff"] < 1e-4  # both restart modes compute the same objective
+
+
+def test_labels_smoke_and_tables_merge(tmp_path):
+    """benchmarks.labels runs end to end; labels_tables merges part files into one envelope and prints the table."""
+    _run(["-m", "benchmarks.labels"], tmp_path)
+    part = tmp_path / "labels.json"
+    rows = _common().load_result(part)["results"]
+    assert {r["strategy"] for r in rows} == {"ilrg", "llg"}
+    ilrg = next(r for r in rows if r["strategy"] == "ilrg")
+    assert ilrg["exact"] == 1.0 and ilrg["labels_off"] == 0.0  # untrained LeNet, batch 8 of 3 classes
+    merged = tmp_path / "merged.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.labels_tables", str(part), str(part), "--merge", str(merged)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    assert len(_common().load_result(merged)["results"]) == 2 * len(rows)
+    assert "| ilrg | 100% / 0.0 |" in out and "**lenet32, untrained**" in out
