@@ -85,9 +85,10 @@ class GradientInversionAttack(pl.LightningModule):
         compile: evaluate the matching step (victim forward -> autograd.grad(create_graph) -> distance ->
             priors) through ``torch.compile`` with ``torch._dynamo.config.trace_autograd_ops = True``;
             schedule weights, masks and prior weights are passed as tensors so that changing them does not
-            recompile. Off by default: the first step pays a cold compile of tens of seconds to minutes; on CPU it
-            speeds up small victims (LeNet about 1.3x) but not ResNet-18; and on ResNet-18 one input gave a loss
-            1.5e-4 (relative) away from eager: float32 round-off of the compiled kernels (see docs/performance_notes.md).
+            recompile. Off by default: the first step pays a cold compile of tens of seconds to minutes. On a CPU
+            inductor's channels-last layout optimisation is switched off (:meth:`compile_options`): with it the
+            ResNet-18 step was slower than eager and 1.5e-4 (relative) away from it; without it, 1.56x eager per
+            evaluation and within 1e-6 (see docs/performance_notes.md). Not yet measured on a GPU.
     """
 
     def __init__(
@@ -530,8 +531,18 @@ class GradientInversionAttack(pl.LightningModule):
 
             # double backward (autograd.grad(create_graph=True) inside the graph) compiles without graph breaks
             torch._dynamo.config.trace_autograd_ops = True
-            self._compiled_step = torch.compile(self.compiled_matching_step)
+            self._compiled_step = torch.compile(self.compiled_matching_step, options=self.compile_options())
         return self._compiled_step
+
+    def compile_options(self) -> Optional[dict[str, Any]]:
+        """Inductor options of the compiled step. On a CPU inductor's layout optimisation (convolutions converted to
+        channels-last) is switched off: measured on ResNet-18 32 px batch 8 it made the compiled step slower than
+        eager (0.9x) and moved the loss 1.5e-4 (relative) from eager; without it the compiled step ran 1.56x eager
+        and agreed to 5e-7 (docs/performance_notes.md). Elsewhere inductor's defaults (not measured here)."""
+        params = self._victim_params
+        if params and params[0].device.type == "cpu":
+            return {"layout_optimization": False}
+        return None
 
     def evaluate(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """(total loss, scoring distances ``[R]``, images ``[R, N, ...]``, prior terms summed over restarts) at the
