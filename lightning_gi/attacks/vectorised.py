@@ -52,7 +52,8 @@ def vectorisable(model: nn.Module, priors: Sequence[nn.Module]) -> Optional[str]
 #: On a CPU, vmapped restarts pay off only for small victims: vmap turns each convolution into a grouped one, whose
 #: backward is slow on CPU for wide layers, while a small victim's cost is per-call overhead that batching removes.
 #: Measured (R = 8, 32x32, batch 1, one thread, ``benchmarks/restarts_throughput.py``), vectorised / sequential:
-#: LeNet (16k parameters) 2.2x, ConvNet width 32 (175k) 1.1x, ConvNet width 64 (535k) 0.94x, ResNet-18 (11M) 0.32x.
+#: LeNet (16k parameters) 2.2-2.5x, ConvNet width 32 (175k) 1.1-1.4x, ConvNet width 64 (535k) 0.94-1.03x, ResNet-18
+#: (11M) 0.29-0.32x: break-even near 500k parameters, the threshold sits below it.
 CPU_VECTORISE_MAX_PARAMETERS = 250_000
 
 
