@@ -6,9 +6,11 @@
    :class:`~lightning_gi.labels.counting.ILRG` with 6 refinement steps (or
    :class:`~lightning_gi.labels.counting.BiasCounts` with ``with_bias="bias_counts"``): counts from the
    bias gradient, exact at large batch while the victim is untrained or early in training;
-2. a bias, batch > 1 and a CONFIDENT victim (:func:`bias_gradient_confidence` above ``confident_above``,
-   default 0.6) -> the evolutionary CV search of Ye et al. (:class:`EvolutionaryLabelCounts`); if it
-   cannot run on this victim, breaching's bias-corrected LLG (:class:`BiasCorrectedLabels`).
+2. a bias, one gradient of the whole batch (FedSGD), batch >= ``confident_min_batch`` (32), at most a
+   quarter of the head's classes with a negative bias gradient, and a CONFIDENT victim (chance-corrected
+   :func:`bias_gradient_confidence` above ``confident_above``, default 0.6) -> the evolutionary CV search of Ye et al.
+   (:class:`EvolutionaryLabelCounts`); if it cannot run on this victim, breaching's bias-corrected LLG
+   (:class:`BiasCorrectedLabels`).
    Measured (docs/labels.md, ``benchmarks/results/labels.json``): once the victim gives its samples' own
    classes ~0.6 or more of the probability, ILRG's count system is ill-conditioned (a count's row carries
    the factor ``1 - p``; an error of 0.01 in the estimated class probabilities moves counts by whole
@@ -27,6 +29,7 @@ from __future__ import annotations
 import logging
 from typing import Literal, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..observation import GradientObservation, ObservationError
@@ -41,17 +44,26 @@ log = logging.getLogger("lightning_gi.labels")
 __all__ = ["AutoLabels", "LABEL_STRATEGIES", "label_strategy", "bias_gradient_confidence"]
 
 
-def bias_gradient_confidence(bias_gradient: Tensor, batch_size: int) -> float:
-    """How confident the victim is on the batch, read off the bias gradient: ``1 - sum_c max(-G_b[c], 0) / N``.
+def bias_gradient_confidence(bias_gradient: Tensor, batch_size: int, num_present: Optional[int] = None) -> Optional[float]:
+    """How confident the victim is on the batch, read off the bias gradient (docs/labels.md, Eq. 3).
 
-    ``G_b[c] = S_c - n_c`` for the summed loss (docs/labels.md, Eq. 1). A class is negative only if it is
-    present and the batch gives it less mass than its count, so ``sum_c max(-G_b[c], 0)`` is about
-    ``N - sum_{present c} S_c``: one minus this over ``N`` estimates the batch-mean probability the victim
-    puts on the batch's own classes (about ``p_true``; ~1/C-ish for an untrained victim, -> 1 when it has
-    learned the batch's classes). No ground truth involved.
+    ``G_b[c] = S_c - n_c`` for the summed loss (Eq. 1). A class is negative only if it is present and the
+    batch gives it less mass than its count, so ``sum_c max(-G_b[c], 0)`` is about ``N - sum_{present c} S_c``
+    and ``raw = 1 - sum_c max(-G_b[c], 0) / N`` is about the batch-mean probability the victim puts on the
+    batch's own classes. A victim that ignores its input puts ``k / C`` there by chance when ``k`` of the
+    ``C`` classes are present, so with ``num_present = k`` this returns the chance-corrected
+    ``(raw - k/C) / (1 - k/C)`` (clipped at 0): ~0 for an untrained victim, -> 1 once it has learned the
+    batch's classes; None when every class is present (the bias gradient cannot tell the two apart then).
+    No ground truth involved.
     """
     g = bias_gradient.detach().double().reshape(-1)
-    return 1.0 - float(g.clamp_max(0.0).neg().sum()) / max(1, int(batch_size))
+    raw = 1.0 - float(g.clamp_max(0.0).neg().sum()) / max(1, int(batch_size))
+    if num_present is None:
+        return raw
+    chance = int(num_present) / g.numel()
+    if chance >= 1.0:
+        return None
+    return max(0.0, (raw - chance) / (1.0 - chance))
 
 
 class AutoLabels(LabelStrategy):
@@ -64,8 +76,11 @@ class AutoLabels(LabelStrategy):
             head without bias (set ``image_size``/``mean``/``std`` to the victim's input geometry).
         seed: seed of the evolutionary search.
         refine_steps: :class:`ILRG`'s class-mean refinement steps (default 6; 0 = none).
-        confident_above: above this :func:`bias_gradient_confidence` (and batch > 1) a biased head is
-            read by the evolutionary search instead of ILRG (module docs, rule 2); 1.0 = always ILRG.
+        confident_above: above this chance-corrected :func:`bias_gradient_confidence` a biased head is read
+            by the evolutionary search instead of ILRG (module docs, rule 2), and a warning is noted; 1.0 =
+            always ILRG.
+        confident_min_batch: the switch is only made from this batch size on (below it the strategies
+            differ by a label or two on confident victims, and the estimate rests on few samples).
     """
 
     def __init__(
@@ -79,7 +94,11 @@ class AutoLabels(LabelStrategy):
         seed: int = 0,
         refine_steps: int = 6,
         confident_above: float = 0.6,
+        confident_min_batch: int = 32,
     ) -> None:
+        if confident_min_batch < 2:
+            raise ValueError(f"confident_min_batch must be >= 2, got {confident_min_batch}")
+        self.confident_min_batch = int(confident_min_batch)
         if not 0.0 <= confident_above <= 1.0:
             raise ValueError(f"confident_above must be in [0, 1], got {confident_above}")
         self.confident_above = float(confident_above)
@@ -96,16 +115,9 @@ class AutoLabels(LabelStrategy):
         self.chosen_name: Optional[str] = None
 
     def select(self, observation: GradientObservation, model: nn.Module) -> tuple[str, LabelStrategy, str]:
-        """(name, strategy, reason) for this observation and victim, before any fallback."""
+        """(name, strategy, reason) for this observation and victim by the head alone (rules 1, 3, 4)."""
         weight, bias = classifier_gradients(observation, model)  # raises for a non-linear last layer
         if bias is not None:
-            n = observation.batch_size
-            confidence = bias_gradient_confidence(bias * loss_scale(observation), n)
-            if n > 1 and self.confident_above < 1.0 and confidence > self.confident_above:
-                return "evolutionary", self.evolutionary, (
-                    f"the victim is confident on this batch (bias-gradient confidence {confidence:.2f} > "
-                    f"{self.confident_above}): ILRG's count system is ill-conditioned there"
-                )
             if self.with_bias == "ilrg":
                 return "ilrg", ILRG(refine_steps=self.refine_steps), "the last linear layer has a bias"
             return "bias_counts", BiasCounts(), "the last linear layer has a bias"
@@ -121,6 +133,27 @@ class AutoLabels(LabelStrategy):
             return "idlg", IDLGLabels()
         return "llg", LLG()
 
+    def confidence(self, observation: GradientObservation, model: nn.Module) -> Optional[float]:
+        """Chance-corrected :func:`bias_gradient_confidence`, ``k`` = the classes with a negative bias gradient
+        (present and under-predicted); None where it is not validated: no bias, batch of one, several clients or
+        local steps, or ``k`` above a quarter of the head (then an untrained victim's chance mass on the batch's
+        classes, and a marginal it has learned, look like confidence)."""
+        from ..client import ThreatModel
+
+        _, bias = classifier_gradients(observation, model)
+        n = observation.batch_size
+        if bias is None or n < 2:
+            return None
+        try:
+            single = ThreatModel.from_metadata(observation.metadata, n).is_single_gradient
+        except ValueError:
+            single = False
+        g = bias.detach().double().reshape(-1) * loss_scale(observation)
+        k = int((g < 0).sum())
+        if not single or k > 0.25 * g.numel():
+            return None
+        return bias_gradient_confidence(g, n, k)
+
     def recover(self, observation: GradientObservation, model: nn.Module) -> Tensor:
         name, strategy, reason = self.select(observation, model)
         try:
@@ -131,16 +164,24 @@ class AutoLabels(LabelStrategy):
             name, strategy = self._fallback(observation, model)
             reason = f"{reason}; the evolutionary search failed on this victim ({err}); {name} instead"
             labels = strategy(observation, model)
+        confidence = self.confidence(observation, model) if name in ("ilrg", "bias_counts") else None
+        confident = confidence is not None and confidence > self.confident_above
+        if confident and observation.batch_size >= self.confident_min_batch:
+            reason = (f"the victim is confident on this batch (bias-gradient confidence {confidence:.2f} > "
+                      f"{self.confident_above}): ILRG's count system is ill-conditioned there")
+            name, strategy = "evolutionary", self.evolutionary
+            try:
+                labels = strategy(observation, model)
+            except (ObservationError, ValueError, RuntimeError) as err:
+                name, strategy = self._fallback(observation, model)
+                reason = f"{reason}; the evolutionary search failed on this victim ({err}); {name} instead"
+                labels = strategy(observation, model)
         self.chosen, self.chosen_name = strategy, name
         log.info("label strategy 'auto' chose %s: %s", name, reason)
         inner = {k: v for k, v in strategy.diagnostics.items() if k != "strategy"}
-        _, bias = classifier_gradients(observation, model)
-        extra = {} if bias is None else {
-            "bias_gradient_confidence": round(bias_gradient_confidence(bias * loss_scale(observation), observation.batch_size), 4)
-        }
+        extra = {} if confidence is None else {"bias_gradient_confidence": round(confidence, 4)}
         self.note(chosen_strategy=name, choice_reason=reason, **extra, **inner)
-        confidence = extra.get("bias_gradient_confidence")
-        if confidence is not None and observation.batch_size > 1 and confidence > self.confident_above:
+        if confident:
             self.note(warning=(
                 f"the victim is confident on this batch (bias-gradient confidence {confidence:.2f}): no label-count "
                 "rule is reliable there (about a third of the labels wrong at batch 64 in our benchmarks), so a "

@@ -135,10 +135,10 @@ def test_yin_distinct_labels_on_a_relu_linear_model():
         YinLabels()(capture_observation(model, torch.rand(12, 1, 1, 6), torch.arange(12) % 10), model)
 
 
-def _tiny_cnn(bias: bool) -> nn.Module:
+def _tiny_cnn(bias: bool, classes: int = 10) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10, bias=bias)
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, classes, bias=bias)
     )
 
 
@@ -282,11 +282,11 @@ def test_auto_reads_a_confident_victim_with_the_evolutionary_search(photos):
     from lightning_gi.labels.auto import bias_gradient_confidence
     from lightning_gi.labels.base import classifier_gradients
 
-    x, y, _ = select_batch(photos, 16, seed=1, label_mode="repeated", num_distinct=4)
-    y = 2 * torch.unique(y, return_inverse=True)[1]  # classes 0, 2, 4, 6 of the 10-class head
+    x, y, _ = select_batch(photos, 32, seed=1, label_mode="repeated", num_distinct=4)
+    y = 2 * torch.unique(y, return_inverse=True)[1]  # classes 0, 2, 4, 6 of a 20-class head
     x16 = torch.nn.functional.interpolate(x, size=16)
     torch.manual_seed(0)
-    untrained = _tiny_cnn(True).eval()
+    untrained = _tiny_cnn(True, 20).eval()
     obs = capture_observation(untrained, x16, y)
     auto = AutoLabels(image_size=16)
     auto(obs, untrained)
@@ -294,26 +294,74 @@ def test_auto_reads_a_confident_victim_with_the_evolutionary_search(photos):
     assert "warning" not in auto.diagnostics
 
     torch.manual_seed(0)
-    confident = _fit(_tiny_cnn(True), x16, y)
+    confident = _fit(_tiny_cnn(True, 20), x16, y)
     with torch.no_grad():
         p_true = float(torch.softmax(confident(x16), 1).gather(1, y[:, None]).mean())
     obs = capture_observation(confident, x16, y)
     _, db = classifier_gradients(obs, confident)
-    estimate = bias_gradient_confidence(db * 16, 16)
-    assert p_true > 0.8 and abs(estimate - p_true) < 0.1
+    raw = bias_gradient_confidence(db * 32, 32)
+    assert p_true > 0.8 and abs(raw - p_true) < 0.1
     labels = auto(obs, confident)
     assert auto.chosen_name == "evolutionary" and "confident" in auto.diagnostics["choice_reason"]
+    assert auto.diagnostics["bias_gradient_confidence"] > 0.6
     assert "under-report" in auto.diagnostics["warning"]
-    assert labels.numel() == 16
-    assert AutoLabels(image_size=16, confident_above=1.0).select(obs, confident)[0] == "ilrg"
+    assert labels.numel() == 32
+    assert AutoLabels(image_size=16, confident_above=1.0)(obs, confident).numel() == 32
+    kept = AutoLabels(image_size=16, confident_above=1.0)
+    kept(obs, confident)
+    assert kept.chosen_name == "ilrg"
+    small = AutoLabels(image_size=16, confident_min_batch=64)
+    small(obs, confident)
+    assert small.chosen_name == "ilrg" and "under-report" in small.diagnostics["warning"]  # kept, but flagged
+
+
+def test_an_untrained_victim_is_not_confident_when_its_classes_fill_the_head(photos):
+    """8 of 10 classes present: an untrained victim puts ~0.7 of its mass on the batch's classes by chance, so
+    the raw estimate looks confident; ``auto`` does not judge confidence there (more than a quarter of the
+    head is present) and keeps ILRG, which is exact (the uncorrected rule switched to the evolutionary search).
+    With few classes present the chance correction removes the chance mass."""
+    from lightning_gi.labels.auto import bias_gradient_confidence
+    from lightning_gi.labels.base import classifier_gradients
+
+    x, y, _ = select_batch(photos, 48, seed=2, label_mode="repeated", num_distinct=8)
+    y = torch.unique(y, return_inverse=True)[1]
+    x16 = torch.nn.functional.interpolate(x, size=16)
+    torch.manual_seed(1)
+    model = _tiny_cnn(True).eval()
+    obs = capture_observation(model, x16, y)
+    _, db = classifier_gradients(obs, model)
+    assert bias_gradient_confidence(db * 48, 48) > 0.6  # raw: looks confident
+    auto = AutoLabels(image_size=16)
+    labels = auto(obs, model)
+    assert auto.chosen_name == "ilrg" and auto.confidence(obs, model) is None
+    assert "bias_gradient_confidence" not in auto.diagnostics and "warning" not in auto.diagnostics
+    assert torch.equal(labels, y.sort().values)
+    assert bias_gradient_confidence(db * 48, 48, num_present=10) is None
+    # by hand: raw = 1 - 3/4 = 1/4 = chance (1 of 4 classes) -> 0; raw = 1 - 2/4 -> (1/2 - 1/4) / (3/4) = 1/3
+    assert bias_gradient_confidence(torch.tensor([-3.0, 1.0, 1.0, 1.0]), 4, num_present=1) == 0.0
+    assert bias_gradient_confidence(torch.tensor([-2.0, 1.0, 1.0, 0.0]), 4, num_present=1) == pytest.approx(1 / 3)
+
+
+def test_auto_does_not_switch_on_a_multi_client_update():
+    """The confidence estimate is validated on one FedSGD gradient only: a FedAvg update keeps ILRG."""
+    from lightning_gi.client import ThreatModel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 20))
+    x, y = torch.rand(40, 3, 2, 2), torch.arange(40) % 4
+    _fit(model, x, y, steps=200)
+    obs = capture_observation(model, x, y)
+    assert AutoLabels().confidence(obs, model) > 0.6
+    obs.metadata.update(ThreatModel(threat_model="fedavg", local_steps=2, local_lr=0.1).to_metadata())
+    assert AutoLabels().confidence(obs, model) is None
 
 
 def test_auto_falls_back_to_bias_corrected_on_a_confident_victim_without_public_statistics():
     """One-channel confident victim with a bias: the search cannot run, so breaching's bias-corrected LLG is used."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
-    x, y = torch.rand(6, 1, 8, 8), torch.tensor([3, 3, 8, 1, 1, 1])
-    _fit(model, x, y, steps=200)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 20))
+    x, y = torch.rand(32, 1, 8, 8), torch.arange(32) % 3 * 5
+    _fit(model, x, y, steps=300)
     auto = AutoLabels(image_size=8)
     auto(capture_observation(model, x, y), model)
     assert auto.chosen_name == "bias-corrected" and "failed" in auto.diagnostics["choice_reason"]
