@@ -8,7 +8,7 @@
    bias gradient, exact at large batch while the victim is untrained or early in training;
 2. a bias, one gradient of the whole batch (FedSGD), batch >= ``confident_min_batch`` (32), at most a
    quarter of the head's classes with a negative bias gradient, and a CONFIDENT victim (chance-corrected
-   :func:`bias_gradient_confidence` above ``confident_above``, default 0.6) -> the evolutionary CV search of Ye et al.
+   :func:`bias_gradient_confidence` above ``confident_above``, default 0.7) -> the evolutionary CV search of Ye et al.
    (:class:`EvolutionaryLabelCounts`); if it cannot run on this victim, breaching's bias-corrected LLG
    (:class:`BiasCorrectedLabels`).
    Measured (docs/labels.md, ``benchmarks/results/labels.json``): once the victim gives its samples' own
@@ -93,7 +93,7 @@ class AutoLabels(LabelStrategy):
         aux_source: str = "photographs",
         seed: int = 0,
         refine_steps: int = 6,
-        confident_above: float = 0.6,
+        confident_above: float = 0.7,
         confident_min_batch: int = 32,
     ) -> None:
         if confident_min_batch < 2:

@@ -290,7 +290,7 @@ def test_auto_reads_a_confident_victim_with_the_evolutionary_search(photos):
     obs = capture_observation(untrained, x16, y)
     auto = AutoLabels(image_size=16)
     auto(obs, untrained)
-    assert auto.chosen_name == "ilrg" and auto.diagnostics["bias_gradient_confidence"] < 0.6
+    assert auto.chosen_name == "ilrg" and auto.diagnostics["bias_gradient_confidence"] < 0.7
     assert "warning" not in auto.diagnostics
 
     torch.manual_seed(0)
@@ -303,7 +303,7 @@ def test_auto_reads_a_confident_victim_with_the_evolutionary_search(photos):
     assert p_true > 0.8 and abs(raw - p_true) < 0.1
     labels = auto(obs, confident)
     assert auto.chosen_name == "evolutionary" and "confident" in auto.diagnostics["choice_reason"]
-    assert auto.diagnostics["bias_gradient_confidence"] > 0.6
+    assert auto.diagnostics["bias_gradient_confidence"] > 0.7
     assert "under-report" in auto.diagnostics["warning"]
     assert labels.numel() == 32
     assert AutoLabels(image_size=16, confident_above=1.0)(obs, confident).numel() == 32
@@ -351,7 +351,7 @@ def test_auto_does_not_switch_on_a_multi_client_update():
     x, y = torch.rand(40, 3, 2, 2), torch.arange(40) % 4
     _fit(model, x, y, steps=200)
     obs = capture_observation(model, x, y)
-    assert AutoLabels().confidence(obs, model) > 0.6
+    assert AutoLabels().confidence(obs, model) > 0.7
     obs.metadata.update(ThreatModel(threat_model="fedavg", local_steps=2, local_lr=0.1).to_metadata())
     assert AutoLabels().confidence(obs, model) is None
 
