@@ -202,3 +202,34 @@ def test_nan_unknowns_from_a_checkpoint_give_a_clear_error(tmp_path, lean_traine
     trainer = pl.Trainer(max_steps=10, callbacks=callbacks, **kwargs)
     with pytest.warns(UserWarning, match="not finite"), pytest.raises(DivergenceError, match="unknowns are not finite"):
         trainer.fit(IDLG(optimizer=_adam, seed=0), TensorBatchVictim(model, image, label), ckpt_path=str(path))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a CPU has no device to wait for)")
+def test_guard_checks_do_not_synchronise_on_cuda():
+    """check_mode="auto" on CUDA: the per-step checks run under torch.cuda.set_sync_debug_mode("error") (any
+    synchronising call raises); the flags are read later, and a finite run keeps taking snapshots."""
+
+    class Unknowns(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.x = torch.nn.Parameter(torch.randn(64, device="cuda"))
+
+    class StubTrainer:  # what the guard reads from a Trainer
+        global_step = 0
+        optimizers: list = []
+
+    module, trainer = Unknowns(), StubTrainer()
+    guard = DivergenceGuard(snapshot_every_n_steps=2)
+    guard.on_train_start(trainer, module)  # its start-of-run check may sync: outside the checked region
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 9):
+            trainer.global_step = step
+            with torch.no_grad():
+                module.x.mul_(0.5)
+            guard.on_train_batch_end(trainer, module, (module.x ** 2).sum(), None, step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    guard.on_train_epoch_end(trainer, module)  # reads what is still pending (may wait)
+    assert guard.events == [] and guard.restores == 0
+    assert guard._snapshot_step >= 6 and not guard._pending
