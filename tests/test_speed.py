@@ -250,6 +250,13 @@ def test_auto_restart_mode_per_device():
         InvertingGradients(restart_mode="fast")
 
 
+def test_compile_with_vectorised_restarts_is_refused_and_auto_stays_sequential():
+    """The compiled step is the per-restart one: an explicit vectorised mode would silently run uncompiled."""
+    with pytest.raises(ValueError, match="compile=True"):
+        _bound_ig(restarts=4, restart_mode="vectorised", compile=True)
+    assert _bound_ig(restarts=4, compile=True).vectorised_restarts is False  # auto: sequential under compile
+
+
 def test_forced_vectorised_mode_matches_sequential(lean_trainer_kwargs):
     seq = _fit(_ig(restart_mode="sequential"), 4, lean_trainer_kwargs)
     vec = _fit(_ig(restart_mode="vectorised"), 4, lean_trainer_kwargs)

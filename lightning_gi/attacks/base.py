@@ -358,6 +358,9 @@ class GradientInversionAttack(pl.LightningModule):
             raise ValueError(f"restart_mode must be one of {RESTART_MODES}, got {self.restart_mode!r}")
         single = self.threat_model.is_single_gradient
         if self.restart_mode == "vectorised":
+            if self.compile:
+                raise ValueError("compile=True compiles the per-restart step, which restart_mode 'vectorised' does not run: "
+                                 "use restart_mode 'sequential' or 'auto' with compile")
             reason = vectorisable(model, list(self.priors)) if single else "vectorised restarts support one FedSGD gradient"
             if reason is not None:
                 raise ValueError(reason)
