@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # python benchmarks/labels.py: import this packag
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -207,6 +208,8 @@ def main() -> None:
     parser.add_argument("--crops-per-photo", type=int, default=32)
     parser.add_argument("--model-seed", type=int, default=0)
     parser.add_argument("--out", default="labels", help="name of the JSON file")
+    parser.add_argument("--victim-cache", default=None,
+                        help="directory of trained victim states (reused when the training settings match, written otherwise)")
     add_common_arguments(parser)
     args = parser.parse_args()
     if args.smoke:
@@ -229,10 +232,19 @@ def main() -> None:
         for state in args.states:
             model = build_victim(arch, size, args.num_classes, args.model_seed)
             t0 = time.time()
-            if state == "early":
-                training[f"{victim}/{state}"] = train_victim(model, train, args.early_steps, args.early_lr, norm, 1)
-            elif state == "converged":
-                training[f"{victim}/{state}"] = train_victim(model, train, args.converged_steps, 0.05, norm, 1)
+            steps, lr = {"early": (args.early_steps, args.early_lr), "converged": (args.converged_steps, 0.05)}.get(state, (0, 0.0))
+            cached = None
+            if args.victim_cache and steps:
+                cached = Path(args.victim_cache) / f"{victim}_{args.num_classes}_{args.model_seed}_{steps}_{lr}_{args.crops_per_photo}.pt"
+            if cached is not None and cached.exists():
+                blob = torch.load(cached, weights_only=True)
+                model.load_state_dict(blob["state"])
+                training[f"{victim}/{state}"] = {"final_train_loss": float(blob["final_train_loss"]), "cached": True}
+            elif steps:
+                training[f"{victim}/{state}"] = train_victim(model, train, steps, lr, norm, 1)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save({"state": model.state_dict(), **training[f"{victim}/{state}"]}, cached)
             model.eval()
             training.setdefault(f"{victim}/{state}", {})["train_seconds"] = time.time() - t0
             results += run_state(victim, state, model, attack, args, norm, size)

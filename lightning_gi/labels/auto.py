@@ -6,7 +6,7 @@
    :class:`~lightning_gi.labels.counting.ILRG` with 6 refinement steps (or
    :class:`~lightning_gi.labels.counting.BiasCounts` with ``with_bias="bias_counts"``): counts from the
    bias gradient, exact at large batch while the victim is untrained or early in training;
-2. a bias, one gradient of the whole batch (FedSGD), batch >= ``confident_min_batch`` (32), at most a
+2. a bias, one gradient of the whole batch (FedSGD), batch >= ``confident_min_batch`` (8), at most a
    quarter of the head's classes with a negative bias gradient, and a CONFIDENT victim (chance-corrected
    :func:`bias_gradient_confidence` above ``confident_above``, default 0.7) -> the evolutionary CV search of Ye et al.
    (:class:`EvolutionaryLabelCounts`); if it cannot run on this victim, breaching's bias-corrected LLG
@@ -79,8 +79,8 @@ class AutoLabels(LabelStrategy):
         confident_above: above this chance-corrected :func:`bias_gradient_confidence` a biased head is read
             by the evolutionary search instead of ILRG (module docs, rule 2), and a warning is noted; 1.0 =
             always ILRG.
-        confident_min_batch: the switch is only made from this batch size on (below it the strategies
-            differ by a label or two on confident victims, and the estimate rests on few samples).
+        confident_min_batch: the switch is only made from this batch size on (below it the estimate rests on
+            too few samples).
     """
 
     def __init__(
@@ -94,7 +94,7 @@ class AutoLabels(LabelStrategy):
         seed: int = 0,
         refine_steps: int = 6,
         confident_above: float = 0.7,
-        confident_min_batch: int = 32,
+        confident_min_batch: int = 8,
     ) -> None:
         if confident_min_batch < 2:
             raise ValueError(f"confident_min_batch must be >= 2, got {confident_min_batch}")
