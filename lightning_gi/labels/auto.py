@@ -11,11 +11,12 @@
    :func:`bias_gradient_confidence` above ``confident_above``, default 0.7) -> the evolutionary CV search of Ye et al.
    (:class:`EvolutionaryLabelCounts`); if it cannot run on this victim, breaching's bias-corrected LLG
    (:class:`BiasCorrectedLabels`).
-   Measured (docs/labels.md, ``benchmarks/results/labels.json``): once the victim gives its samples' own
-   classes ~0.6 or more of the probability, ILRG's count system is ill-conditioned (a count's row carries
-   the factor ``1 - p``; an error of 0.01 in the estimated class probabilities moves counts by whole
-   samples) and it falls BEHIND the evolutionary search and LLG; below that, ILRG is far ahead. No
-   strategy is exact in the confident regime;
+   Measured (docs/labels.md, ``benchmarks/results/labels.json``): on victims that give their samples'
+   own classes 0.7 or more of the probability, ILRG's count system is ill-conditioned (a count's row
+   carries the factor ``1 - p``; an error of 0.01 in the estimated class probabilities moves counts by
+   whole samples) and it falls 20-50% BEHIND the evolutionary search; on untrained and early victims
+   (p_true <= 0.1) ILRG is far ahead. No strategy is exact in the confident regime, so a ``warning`` is
+   noted there (the run report prints it);
 3. no bias, batch > 1 -> the evolutionary search;
 4. batch of one, or the evolutionary search cannot run on this victim (e.g. its public statistics do
    not fit the input geometry) -> the iDLG rule (negative rows; :class:`LLG` when batch > classes).
@@ -184,7 +185,7 @@ class AutoLabels(LabelStrategy):
         if confident:
             self.note(warning=(
                 f"the victim is confident on this batch (bias-gradient confidence {confidence:.2f}): no label-count "
-                "rule is reliable there (about a third of the labels wrong at batch 64 in our benchmarks), so a "
+                "rule is reliable there (30-70% of the labels wrong at batch 64 in our benchmarks), so a "
                 "reconstruction with these labels can under-report what the update leaks"
             ))
         return labels
