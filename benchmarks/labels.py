@@ -22,6 +22,9 @@ Batches: N/distinct classes = 8/3, 16/5, 32/8, 64/10, 128/10, 256/20 (``select_b
 number of labels to change: half the L1 distance of the count vectors); per victim state ``p_true`` (mean
 softmax probability of the true class on the attacked batches).
 
+Strategy ``calibrated`` (:class:`~lightning_gi.labels.CalibratedCounts`) gets the TRAINING items as its labelled
+public images (disjoint from the attacked ones; the trained victims have seen them).
+
 Label strategies only (no attack runs, no recipe to reuse): the victims and observations are built here.
 Rows: one per (victim, state, batch case, strategy), with the victim state's training loss and time.
 
@@ -58,7 +61,8 @@ VICTIMS = {  # name -> (architecture, image size, normalisation)
     "resnet18_64": ("resnet18", 64, IMAGENET),
     "resnet34_64": ("resnet34", 64, IMAGENET),
 }
-STRATEGIES = ["auto", "ilrg", "ilrg_refined", "bias_counts", "llg", "wainakh", "bias-corrected", "yin", "evolutionary"]
+STRATEGIES = ["auto", "ilrg", "ilrg_refined", "bias_counts", "llg", "wainakh", "bias-corrected", "yin", "evolutionary",
+              "calibrated"]
 
 
 class Items(Dataset):
@@ -119,8 +123,13 @@ def train_victim(model, train: Items, steps: int, lr: float, norm, seed: int) ->
     return {"final_train_loss": float(loss.detach())}
 
 
-def make_strategy(name: str, size: int, norm):
-    from lightning_gi.labels import label_strategy
+def make_strategy(name: str, size: int, norm, public: "Items | None" = None):
+    from lightning_gi.labels import CalibratedCounts, label_strategy
+
+    if name == "calibrated":  # labelled public images of the victim's classes: the TRAINING items (never attacked)
+        if public is None:
+            raise ValueError("the calibrated strategy needs public images")
+        return CalibratedCounts.from_tensors(public.images, torch.tensor(public.targets), mean=norm[0], std=norm[1])
 
     if name == "ilrg_refined":
         return label_strategy("ilrg", refine_steps=6)
@@ -135,12 +144,12 @@ def counts(labels: torch.Tensor, c: int) -> np.ndarray:
     return np.bincount(labels.numpy(), minlength=c)[:c]
 
 
-def run_state(victim: str, state: str, model, attack: Items, args, norm, size) -> list[dict[str, Any]]:
+def run_state(victim: str, state: str, model, attack: Items, args, norm, size, public: "Items | None" = None) -> list[dict[str, Any]]:
     from lightning_gi.observation import capture_observation
     from lightning_gi.victim.data import select_batch
 
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
-    strategies = {name: make_strategy(name, size, norm) for name in args.strategies}
+    strategies = {name: make_strategy(name, size, norm, public) for name in args.strategies}
     rows = []
     p_true_all = []
     for n, k in args.cases:
@@ -247,7 +256,7 @@ def main() -> None:
                     torch.save({"state": model.state_dict(), **training[f"{victim}/{state}"]}, cached)
             model.eval()
             training.setdefault(f"{victim}/{state}", {})["train_seconds"] = time.time() - t0
-            results += run_state(victim, state, model, attack, args, norm, size)
+            results += run_state(victim, state, model, attack, args, norm, size, public=train)
             write(args, results, training, time.time() - t_start, partial=True)
     write(args, results, training, time.time() - t_start, partial=False)
 

@@ -8,6 +8,7 @@ from .idlg import IDLGLabels, SharedLabels, idlg_label, negative_row_labels
 from .evolutionary import CoarseLabelCounts, EvolutionaryLabelCounts, coarse_labels, evolutionary_counts
 from .auxiliary_stats import AuxiliaryStats, auxiliary_stats_for_model, load_auxiliary_stats, save_auxiliary_stats
 from .counting import ILRG, BiasCounts, round_counts
+from .calibrated import CalibratedCounts, class_mean_softmax
 from .heuristics import LLG, BiasCorrectedLabels, WainakhLabels, YinLabels, greedy_impact_labels
 from .auto import LABEL_STRATEGIES, AutoLabels, label_strategy
 
@@ -31,6 +32,8 @@ __all__ = [
     "BiasCounts",
     "ILRG",
     "round_counts",
+    "CalibratedCounts",
+    "class_mean_softmax",
     "LLG",
     "WainakhLabels",
     "BiasCorrectedLabels",

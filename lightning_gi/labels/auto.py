@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..observation import GradientObservation, ObservationError
 from .base import LabelStrategy, classifier_gradients, loss_scale
+from .calibrated import CalibratedCounts
 from .counting import ILRG, BiasCounts
 from .evolutionary import CoarseLabelCounts, EvolutionaryLabelCounts
 from .heuristics import LLG, BiasCorrectedLabels, WainakhLabels, YinLabels
@@ -197,6 +198,7 @@ LABEL_STRATEGIES: dict[str, type[LabelStrategy]] = {
     "auto": AutoLabels,
     "ilrg": ILRG,
     "bias_counts": BiasCounts,
+    "calibrated": CalibratedCounts,
     "llg": LLG,
     "wainakh": WainakhLabels,
     "bias-corrected": BiasCorrectedLabels,

@@ -202,7 +202,7 @@ def test_round_counts_keeps_the_sum():
 
 
 def test_registry_builds_every_strategy_by_name():
-    assert {"auto", "ilrg", "bias_counts", "llg", "wainakh", "bias-corrected", "yin"} <= set(LABEL_STRATEGIES)
+    assert {"auto", "ilrg", "bias_counts", "calibrated", "llg", "wainakh", "bias-corrected", "yin"} <= set(LABEL_STRATEGIES)
     assert isinstance(label_strategy("ilrg"), ILRG)
     with pytest.raises(ValueError, match="unknown label strategy"):
         label_strategy("nope")
