@@ -668,20 +668,7 @@ class GradientInversionAttack(pl.LightningModule):
         """:meth:`multi_step` for closure optimisers (L-BFGS): each closure evaluation is what automatic
         optimisation evaluates (zero_grad, objective, best-iterate update, backward, ``on_before_optimizer_step``),
         so the iterates equal plain PyTorch L-BFGS."""
-        if fast:
-            closure = self._direct_closure(raw, log)
-        else:
-            logged = [not log]
-
-            def closure() -> Tensor:
-                raw.zero_grad(set_to_none=True)
-                loss, distance, images, terms = self.evaluate()
-                self.update_best(distance.detach(), images.detach())
-                if not logged[0]:
-                    self.log_step(distance.detach(), terms)
-                    logged[0] = True
-                self.manual_backward(loss)
-                return loss
+        closure = self._direct_closure(raw, log, manual=not fast)
 
         loss = None
         for _ in range(k):
@@ -696,11 +683,12 @@ class GradientInversionAttack(pl.LightningModule):
                 sched.step()
         return loss.detach()
 
-    def _direct_closure(self, raw: torch.optim.Optimizer, log: bool = False) -> Callable[[], Tensor]:
+    def _direct_closure(self, raw: torch.optim.Optimizer, log: bool = False, manual: bool = False) -> Callable[[], Tensor]:
         """One closure evaluation without Lightning's per-evaluation hooks (only where
         :meth:`_direct_steps_allowed`): zero_grad, objective, best-iterate update (on device), backward w.r.t. the
         unknowns, ``on_before_optimizer_step``: the operations automatic optimisation runs, in its order of effect.
-        ``log``: the first evaluation logs (:meth:`log_step`)."""
+        ``log``: the first evaluation logs (:meth:`log_step`). ``manual``: backward through ``manual_backward``
+        instead (manual optimisation where direct steps are not allowed; the optimiser wrapper runs the hooks)."""
         pending_log = [log]
 
         def closure() -> Tensor:
@@ -710,8 +698,11 @@ class GradientInversionAttack(pl.LightningModule):
             if pending_log[0]:
                 self.log_step(distance.detach(), terms)
                 pending_log[0] = False
-            self.backward(loss)
-            self.on_before_optimizer_step(raw)
+            if manual:
+                self.manual_backward(loss)
+            else:
+                self.backward(loss)
+                self.on_before_optimizer_step(raw)
             return loss
 
         return closure

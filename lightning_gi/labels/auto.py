@@ -156,28 +156,26 @@ class AutoLabels(LabelStrategy):
             return None
         return bias_gradient_confidence(g, n, k)
 
-    def recover(self, observation: GradientObservation, model: nn.Module) -> Tensor:
-        name, strategy, reason = self.select(observation, model)
+    def _run(self, name: str, strategy: LabelStrategy, reason: str, observation: GradientObservation,
+             model: nn.Module) -> tuple[str, LabelStrategy, str, Tensor]:
+        """Run the chosen strategy; an evolutionary search that cannot run on this victim falls back (:meth:`_fallback`)."""
         try:
-            labels = strategy(observation, model)
+            return name, strategy, reason, strategy(observation, model)
         except (ObservationError, ValueError, RuntimeError) as err:
             if name != "evolutionary":
                 raise
             name, strategy = self._fallback(observation, model)
             reason = f"{reason}; the evolutionary search failed on this victim ({err}); {name} instead"
-            labels = strategy(observation, model)
+            return name, strategy, reason, strategy(observation, model)
+
+    def recover(self, observation: GradientObservation, model: nn.Module) -> Tensor:
+        name, strategy, reason, labels = self._run(*self.select(observation, model), observation, model)
         confidence = self.confidence(observation, model) if name in ("ilrg", "bias_counts") else None
         confident = confidence is not None and confidence > self.confident_above
         if confident and observation.batch_size >= self.confident_min_batch:
             reason = (f"the victim is confident on this batch (bias-gradient confidence {confidence:.2f} > "
                       f"{self.confident_above}): ILRG's count system is ill-conditioned there")
-            name, strategy = "evolutionary", self.evolutionary
-            try:
-                labels = strategy(observation, model)
-            except (ObservationError, ValueError, RuntimeError) as err:
-                name, strategy = self._fallback(observation, model)
-                reason = f"{reason}; the evolutionary search failed on this victim ({err}); {name} instead"
-                labels = strategy(observation, model)
+            name, strategy, reason, labels = self._run("evolutionary", self.evolutionary, reason, observation, model)
         self.chosen, self.chosen_name = strategy, name
         log.info("label strategy 'auto' chose %s: %s", name, reason)
         inner = {k: v for k, v in strategy.diagnostics.items() if k != "strategy"}

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..observation import GradientObservation, ObservationError
 from .base import LabelStrategy, classifier_gradients, loss_scale
-from .counting import counts_to_label_vector, round_counts
+from .counting import counts_to_label_vector, round_counts, solve_count_system
 
 __all__ = ["CalibratedCounts", "class_mean_softmax"]
 
@@ -139,10 +139,8 @@ class CalibratedCounts(LabelStrategy):
         g = bias.detach().double().cpu() * loss_scale(observation)
         n, c = observation.batch_size, g.numel()
         table, present = self.probabilities(model, c)
-        a = (table.T - torch.eye(c, dtype=torch.float64)).numpy()
-        system = np.vstack([a, np.ones((1, c))])
-        solution = np.linalg.lstsq(system, np.concatenate([g.numpy(), [float(n)]]), rcond=None)[0]
-        counts = round_counts(solution, n, np.clip(g.numpy() + solution, 0.0, None) + 0.1)
+        a, solution = solve_count_system(table, g, n)
+        counts = round_counts(solution, n, np.clip(g.numpy() + solution, 0.0, None) + 0.1)  # as ILRG's rounding
         images, labels = self._public()
         self.note(
             implied_counts=[round(float(v), 4) for v in solution],

@@ -39,7 +39,7 @@ from .base import LabelStrategy, classifier_gradients, last_linear, loss_scale
 
 log = logging.getLogger("lightning_gi.labels")
 
-__all__ = ["round_counts", "counts_to_label_vector", "BiasCounts", "ILRG"]
+__all__ = ["round_counts", "solve_count_system", "counts_to_label_vector", "BiasCounts", "ILRG"]
 
 
 def round_counts(x: np.ndarray | Tensor, total: int, scale: Optional[np.ndarray | Tensor] = None) -> np.ndarray:
@@ -89,6 +89,17 @@ def round_counts(x: np.ndarray | Tensor, total: int, scale: Optional[np.ndarray 
         k[c] -= 1
         missing += 1
     return k
+
+
+def solve_count_system(p_hat: Tensor, g: Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """iLRG's system (Eq. 8-9) ``sum_j n_j (p_hat_j[i] - delta_ij) = g_i``, ``sum_j n_j = N``: (the matrix
+    ``p_hat^T - I`` [C, C], the minimum-norm least-squares counts before rounding). ``p_hat`` [C, C] float64,
+    row ``j`` = the probability vector of a class-``j`` sample; ``g`` = the summed-loss bias gradient."""
+    c = g.numel()
+    a = (p_hat.T - torch.eye(c, dtype=torch.float64)).numpy()
+    system = np.vstack([a, np.ones((1, c))])
+    rhs = np.concatenate([g.numpy(), [float(n)]])
+    return a, np.linalg.pinv(system) @ rhs
 
 
 def counts_to_label_vector(counts: np.ndarray) -> Tensor:
@@ -209,11 +220,7 @@ class ILRG(LabelStrategy):
 
     def _solve(self, p_hat: Tensor, g: Tensor, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(system matrix ``p_hat^T - I``, least-squares counts with the sum row, rounded counts)."""
-        c = g.numel()
-        a = (p_hat.T - torch.eye(c, dtype=torch.float64)).numpy()
-        system = np.vstack([a, np.ones((1, c))])
-        rhs = np.concatenate([g.numpy(), [float(n)]])
-        solution = np.linalg.pinv(system) @ rhs
+        a, solution = solve_count_system(p_hat, g, n)
         return a, solution, round_counts(solution, n, self.uncertainty(solution, g))
 
     def uncertainty(self, solution: np.ndarray, g: Tensor) -> Optional[np.ndarray]:
