@@ -22,8 +22,10 @@ Batches: N/distinct classes = 8/3, 16/5, 32/8, 64/10, 128/10, 256/20 (``select_b
 number of labels to change: half the L1 distance of the count vectors); per victim state ``p_true`` (mean
 softmax probability of the true class on the attacked batches).
 
-Strategy ``calibrated`` (:class:`~lightning_gi.labels.CalibratedCounts`) gets the TRAINING items as its labelled
-public images (disjoint from the attacked ones; the trained victims have seen them).
+Strategies ``calibrated`` (:class:`~lightning_gi.labels.CalibratedCounts`) and ``auto_public`` (``auto`` with
+public images: the strategy chosen by rehearsal) get labelled public images disjoint from the attacked ones: with
+``--public-split heldout`` (default) every 4th item (k % 4 == 2), which the victim never trains on; with
+``training`` the training items (the trained victims have seen them; the split of results/labels.json).
 
 Label strategies only (no attack runs, no recipe to reuse): the victims and observations are built here.
 Rows: one per (victim, state, batch case, strategy), with the victim state's training loss and time.
@@ -62,7 +64,7 @@ VICTIMS = {  # name -> (architecture, image size, normalisation)
     "resnet34_64": ("resnet34", 64, IMAGENET),
 }
 STRATEGIES = ["auto", "ilrg", "ilrg_refined", "bias_counts", "llg", "wainakh", "bias-corrected", "yin", "evolutionary",
-              "calibrated"]
+              "calibrated", "auto_public"]
 
 
 class Items(Dataset):
@@ -78,8 +80,10 @@ class Items(Dataset):
         return self.images[i], self.targets[i]
 
 
-def split_data(image_size: int, crops_per_photo: int) -> tuple[Items, Items]:
-    """(attacked items, training items): every 4th item of each class is attacked."""
+def split_data(image_size: int, crops_per_photo: int, public_split: str = "heldout") -> tuple[Items, Items, Items]:
+    """(attacked, training, public) items: item ``k`` of each class is attacked when ``k % 4 == 0``; with
+    ``public_split="heldout"`` the items with ``k % 4 == 2`` are the public ones (never trained on, never attacked)
+    and the rest train the victim; with ``"training"`` the public items ARE the training items."""
     from lightning_gi.victim.data import BundledDigits, BundledPhotographs
 
     photos = BundledPhotographs(image_size=image_size, crops_per_photo=crops_per_photo)
@@ -87,14 +91,14 @@ def split_data(image_size: int, crops_per_photo: int) -> tuple[Items, Items]:
     images = torch.cat([photos.images, digits.images])
     targets = list(photos.targets) + [t + photos.num_classes for t in digits.targets]
     seen: dict[int, int] = {}
-    attack, train = [], []
+    attack, train, public = [], [], []
     for i, t in enumerate(targets):
         k = seen.get(t, 0)
         seen[t] = k + 1
-        (attack if k % 4 == 0 else train).append(i)
+        (attack if k % 4 == 0 else public if (k % 4 == 2 and public_split == "heldout") else train).append(i)
     c = photos.num_classes + digits.num_classes
     pick = lambda idx: Items(images[idx], [targets[i] for i in idx], c)  # noqa: E731
-    return pick(attack), pick(train)
+    return pick(attack), pick(train), pick(public if public_split == "heldout" else train)
 
 
 def build_victim(arch: str, size: int, num_classes: int, seed: int):
@@ -126,9 +130,12 @@ def train_victim(model, train: Items, steps: int, lr: float, norm, seed: int) ->
 def make_strategy(name: str, size: int, norm, public: "Items | None" = None):
     from lightning_gi.labels import CalibratedCounts, label_strategy
 
-    if name == "calibrated":  # labelled public images of the victim's classes: the TRAINING items (never attacked)
+    if name in ("calibrated", "auto_public"):  # labelled public images of the victim's classes (never attacked)
         if public is None:
-            raise ValueError("the calibrated strategy needs public images")
+            raise ValueError(f"the {name} strategy needs public images")
+        if name == "auto_public":
+            auto = label_strategy("auto", image_size=size, mean=norm[0], std=norm[1])
+            return auto.use_public_images(public.images, torch.tensor(public.targets))
         return CalibratedCounts.from_tensors(public.images, torch.tensor(public.targets), mean=norm[0], std=norm[1])
 
     if name == "ilrg_refined":
@@ -154,7 +161,7 @@ def run_state(victim: str, state: str, model, attack: Items, args, norm, size, p
     p_true_all = []
     for n, k in args.cases:
         stats = {name: {"exact": [], "off": [], "seconds": 0.0, "errors": 0} for name in strategies}
-        chosen: dict[str, int] = {}
+        chosen: dict[str, dict[str, int]] = {}
         confidence: list[float] = []  # auto's bias-gradient confidence (its estimate of p_true)
         for seed in range(args.seeds):
             x, y, _ = select_batch(attack, n, seed=1000 * n + seed, label_mode="repeated", num_distinct=k)
@@ -176,8 +183,10 @@ def run_state(victim: str, state: str, model, attack: Items, args, norm, size, p
                 stats[name]["seconds"] += time.perf_counter() - t0
                 stats[name]["exact"].append(bool((got == truth).all()))
                 stats[name]["off"].append(float(np.abs(got - truth).sum() / 2))
+                if name in ("auto", "auto_public"):
+                    chosen.setdefault(name, {})
+                    chosen[name][strategy.chosen_name] = chosen[name].get(strategy.chosen_name, 0) + 1
                 if name == "auto":
-                    chosen[strategy.chosen_name] = chosen.get(strategy.chosen_name, 0) + 1
                     if "bias_gradient_confidence" in strategy.diagnostics:
                         confidence.append(float(strategy.diagnostics["bias_gradient_confidence"]))
         for name, s in stats.items():
@@ -190,8 +199,9 @@ def run_state(victim: str, state: str, model, attack: Items, args, norm, size, p
                 "labels_off": float(np.mean(s["off"])) if s["off"] else None,
                 "seconds_per_call": s["seconds"] / max(1, len(s["exact"])),
             }
+            if name in chosen:
+                row["auto_chose"] = chosen[name]
             if name == "auto":
-                row["auto_chose"] = chosen
                 if confidence:
                     row["auto_bias_gradient_confidence"] = float(np.mean(confidence))
             rows.append(row)
@@ -217,6 +227,8 @@ def main() -> None:
     parser.add_argument("--crops-per-photo", type=int, default=32)
     parser.add_argument("--model-seed", type=int, default=0)
     parser.add_argument("--out", default="labels", help="name of the JSON file")
+    parser.add_argument("--public-split", choices=["heldout", "training"], default="heldout",
+                        help="public images of calibrated/auto_public: items never trained on (default) or the training items")
     parser.add_argument("--victim-cache", default=None,
                         help="directory of trained victim states (reused when the training settings match, written otherwise)")
     add_common_arguments(parser)
@@ -235,7 +247,7 @@ def main() -> None:
     t_start = time.time()
     for victim in args.victims:
         arch, size, norm = VICTIMS[victim]
-        attack, train = split_data(size, args.crops_per_photo)
+        attack, train, public = split_data(size, args.crops_per_photo, args.public_split)
         if args.num_classes < attack.num_classes:
             raise SystemExit(f"--num-classes must be >= {attack.num_classes} (the data's classes)")
         for state in args.states:
@@ -244,7 +256,7 @@ def main() -> None:
             steps, lr = {"early": (args.early_steps, args.early_lr), "converged": (args.converged_steps, 0.05)}.get(state, (0, 0.0))
             cached = None
             if args.victim_cache and steps:
-                cached = Path(args.victim_cache) / f"{victim}_{args.num_classes}_{args.model_seed}_{steps}_{lr}_{args.crops_per_photo}.pt"
+                cached = Path(args.victim_cache) / f"{victim}_{args.num_classes}_{args.model_seed}_{steps}_{lr}_{args.crops_per_photo}_{args.public_split}.pt"
             if cached is not None and cached.exists():
                 blob = torch.load(cached, weights_only=True)
                 model.load_state_dict(blob["state"])
@@ -256,7 +268,7 @@ def main() -> None:
                     torch.save({"state": model.state_dict(), **training[f"{victim}/{state}"]}, cached)
             model.eval()
             training.setdefault(f"{victim}/{state}", {})["train_seconds"] = time.time() - t0
-            results += run_state(victim, state, model, attack, args, norm, size, public=train)
+            results += run_state(victim, state, model, attack, args, norm, size, public=public)
             write(args, results, training, time.time() - t_start, partial=True)
     write(args, results, training, time.time() - t_start, partial=False)
 
@@ -273,7 +285,10 @@ def settings(args, seconds, partial: bool) -> dict[str, Any]:
         "cases": args.cases, "num_classes_head": args.num_classes, "data_classes": 24,
         "strategies": args.strategies, "early_steps": args.early_steps, "early_lr": args.early_lr, "converged_lr": 0.05, "converged_steps": args.converged_steps,
         "crops_per_photo": args.crops_per_photo, "model_seed": args.model_seed, "victim_mode": "eval",
-        "loss_reduction": "mean", "split": "every 4th item of each class attacked, the rest used for training",
+        "loss_reduction": "mean", "public_split": args.public_split,
+        "split": ("every 4th item of each class attacked (k % 4 == 0), "
+                  + ("k % 4 == 2 public (never trained on), the rest training" if args.public_split == "heldout"
+                     else "the rest training and public")),
         "partial": partial, "wall_seconds": round(seconds, 1), "smoke": args.smoke,
         "description": "labels (issue 12): exact-multiset rate and labels off per strategy, victim and state",
     }

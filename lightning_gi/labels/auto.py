@@ -21,6 +21,14 @@
 4. batch of one, or the evolutionary search cannot run on this victim (e.g. its public statistics do
    not fit the input geometry) -> the iDLG rule (negative rows; :class:`LLG` when batch > classes).
 
+With labelled public images (``public_path``, or :meth:`AutoLabels.use_public_images`) and one FedSGD gradient
+without defenses, rules 1-4 give way to a REHEARSAL (:mod:`~lightning_gi.labels.rehearsal`): batches with the
+class counts of a first estimate (:class:`CalibratedCounts`; LLG without a bias) are built from public images,
+their gradients computed on the victim, and the candidate that recovers them best is used: ILRG,
+:class:`CalibratedCounts` (measured on the public images outside the rehearsal batch's fold), the evolutionary
+search, bias-corrected LLG and LLG (those that run on this head). Its measured error is noted (``rehearsal_labels_off``) and becomes the ``warning`` when it is 5% of the batch
+or more.
+
 The choice is kept in :attr:`AutoLabels.chosen_name` / :attr:`AutoLabels.chosen`, in
 ``diagnostics["chosen_strategy"]`` / ``diagnostics["choice_reason"]``, and logged (logger
 ``lightning_gi.labels``, level INFO).
@@ -40,8 +48,12 @@ from .counting import ILRG, BiasCounts
 from .evolutionary import CoarseLabelCounts, EvolutionaryLabelCounts
 from .heuristics import LLG, BiasCorrectedLabels, WainakhLabels, YinLabels
 from .idlg import IDLGLabels, SharedLabels
+from .rehearsal import public_folds, rehearse
 
 log = logging.getLogger("lightning_gi.labels")
+
+#: public images are dealt over this many folds for the rehearsal (module docs)
+REHEARSAL_FOLDS = 4
 
 __all__ = ["AutoLabels", "LABEL_STRATEGIES", "label_strategy", "bias_gradient_confidence"]
 
@@ -83,6 +95,11 @@ class AutoLabels(LabelStrategy):
             always ILRG.
         confident_min_batch: the switch is only made from this batch size on (below it the estimate rests on
             too few samples).
+        public_path: labelled public images of the victim's classes (a ``.pt`` dict as for
+            :class:`CalibratedCounts`, normalised with ``mean``/``std``): the strategy is then chosen by rehearsal
+            (module docs). None (default): rules 1-4.
+        rehearsals: rehearsal batches (each from one of 4 folds of the public images, scored with strategies
+            fitted on the other three).
     """
 
     def __init__(
@@ -97,7 +114,16 @@ class AutoLabels(LabelStrategy):
         refine_steps: int = 6,
         confident_above: float = 0.7,
         confident_min_batch: int = 8,
+        public_path: Optional[str] = None,
+        rehearsals: int = 4,
     ) -> None:
+        if rehearsals < 1:
+            raise ValueError(f"rehearsals must be >= 1, got {rehearsals}")
+        self.rehearsals, self.seed = int(rehearsals), int(seed)
+        self.public: Optional[CalibratedCounts] = (
+            None if public_path is None else CalibratedCounts(public_path=public_path, mean=mean, std=std))
+        self._mean, self._std = mean, std
+        self._fold_strategies: dict[int, CalibratedCounts] = {}
         if confident_min_batch < 2:
             raise ValueError(f"confident_min_batch must be >= 2, got {confident_min_batch}")
         self.confident_min_batch = int(confident_min_batch)
@@ -168,7 +194,89 @@ class AutoLabels(LabelStrategy):
             reason = f"{reason}; the evolutionary search failed on this victim ({err}); {name} instead"
             return name, strategy, reason, strategy(observation, model)
 
+    def use_public_images(self, images: Tensor, labels: Tensor) -> "AutoLabels":
+        """Labelled public images ([M, C, H, W] in [0, 1], [M]) already in memory, in place of ``public_path``."""
+        self.public = CalibratedCounts.from_tensors(images, labels, mean=self._mean, std=self._std)
+        self._fold_strategies = {}
+        return self
+
+    def rehearsal_skipped(self, observation: GradientObservation) -> Optional[str]:
+        """Why the rehearsal does not apply to this observation (None: it does). It models one FedSGD gradient
+        of an undefended client."""
+        from ..client import ThreatModel
+
+        if self.public is None:
+            return "no public images"
+        if observation.batch_size < 2:
+            return "batch of one"
+        try:
+            single = ThreatModel.from_metadata(observation.metadata, observation.batch_size).is_single_gradient
+        except ValueError:
+            single = False
+        if not single:
+            return "the update is not one FedSGD gradient"
+        if observation.metadata.get("defenses"):
+            return "the update was defended"
+        return None
+
+    def _fold_calibrated(self, fold: int) -> CalibratedCounts:
+        """CalibratedCounts measured on the public images outside ``fold`` (cached)."""
+        assert self.public is not None
+        if fold not in self._fold_strategies:
+            images, labels = self.public.public_images()
+            keep = public_folds(labels, REHEARSAL_FOLDS) != fold
+            self._fold_strategies[fold] = CalibratedCounts.from_tensors(images[keep], labels[keep], mean=self._mean, std=self._std)
+        return self._fold_strategies[fold]
+
+    def _candidates(self, with_bias: bool, fold: Optional[int]) -> dict[str, LabelStrategy]:
+        """The rehearsal's candidates (``fold`` None: CalibratedCounts on all public images)."""
+        if not with_bias:
+            return {"evolutionary": self.evolutionary, "llg": LLG()}
+        assert self.public is not None
+        calibrated = self.public if fold is None else self._fold_calibrated(fold)
+        return {"ilrg": ILRG(refine_steps=self.refine_steps), "calibrated": calibrated, "evolutionary": self.evolutionary,
+                "bias-corrected": BiasCorrectedLabels(), "llg": LLG()}
+
+    def rehearsal_choice(self, observation: GradientObservation, model: nn.Module) -> tuple[str, dict[str, Optional[float]]]:
+        """(the best candidate's name, mean labels off of every candidate) on rehearsal batches with the class
+        counts of a first estimate (CalibratedCounts with a biased head, else LLG)."""
+        assert self.public is not None
+        _, bias = classifier_gradients(observation, model)
+        first = (self.public if bias is not None else LLG())(observation, model)
+        counts = {int(c): int(n) for c, n in zip(*torch.unique(first, return_counts=True))}
+        images, labels = self.public.public_images()
+        folds = public_folds(labels, REHEARSAL_FOLDS)
+        scores = rehearse(lambda fold: self._candidates(bias is not None, fold), model, self.public.victim_inputs(images),
+                          labels, counts, folds, self.rehearsals, seed=self.seed)
+        valid = {name: v for name, v in scores.items() if v is not None}
+        if not valid:
+            raise ValueError("no label strategy ran on the rehearsal batches of this victim")
+        return min(valid, key=valid.get), scores  # ties: the first candidate
+
+    def _recover_by_rehearsal(self, observation: GradientObservation, model: nn.Module) -> Tensor:
+        assert self.public is not None
+        name, scores = self.rehearsal_choice(observation, model)
+        strategy = self._candidates(classifier_gradients(observation, model)[1] is not None, None)[name]
+        reason = (f"rehearsal on public images ({self.rehearsals} batches of {observation.batch_size}): "
+                  + ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} failed" for k, v in scores.items())
+                  + " labels off")
+        labels = strategy(observation, model)
+        self.chosen, self.chosen_name = strategy, name
+        log.info("label strategy 'auto' chose %s: %s", name, reason)
+        inner = {k: v for k, v in strategy.diagnostics.items() if k != "strategy"}
+        self.note(chosen_strategy=name, choice_reason=reason, rehearsal_labels_off=dict(scores), **inner)
+        expected = scores[name]
+        if expected is not None and expected >= max(1.0, 0.05 * observation.batch_size):
+            self.note(warning=(
+                f"in rehearsal on public images the best label rule ({name}) got {expected:.1f} of "
+                f"{observation.batch_size} labels wrong on average: expect about as many wrong labels here, so a "
+                "reconstruction with these labels can under-report what the update leaks"))
+        return labels
+
     def recover(self, observation: GradientObservation, model: nn.Module) -> Tensor:
+        skipped = self.rehearsal_skipped(observation)
+        if skipped is None:
+            return self._recover_by_rehearsal(observation, model)
         name, strategy, reason, labels = self._run(*self.select(observation, model), observation, model)
         confidence = self.confidence(observation, model) if name in ("ilrg", "bias_counts") else None
         confident = confidence is not None and confidence > self.confident_above
@@ -181,6 +289,8 @@ class AutoLabels(LabelStrategy):
         inner = {k: v for k, v in strategy.diagnostics.items() if k != "strategy"}
         extra = {} if confidence is None else {"bias_gradient_confidence": round(confidence, 4)}
         self.note(chosen_strategy=name, choice_reason=reason, **extra, **inner)
+        if self.public is not None:
+            self.note(rehearsal_skipped=skipped)
         if confident:
             self.note(warning=(
                 f"the victim is confident on this batch (bias-gradient confidence {confidence:.2f}): no label-count "

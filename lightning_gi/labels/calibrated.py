@@ -96,7 +96,8 @@ class CalibratedCounts(LabelStrategy):
             raise ValueError(f"public images must be [M, C, H, W] with M labels, got {tuple(images.shape)} and {tuple(labels.shape)}")
         self._images, self._labels = images.float(), labels.long()
 
-    def _public(self) -> tuple[Tensor, Tensor]:
+    def public_images(self) -> tuple[Tensor, Tensor]:
+        """(images [M, C, H, W] in [0, 1], labels [M]), read from ``public_path`` on first use."""
         if self._images is None:
             if self.public_path is None:
                 raise ValueError("CalibratedCounts needs labelled public images: public_path or from_tensors(...)")
@@ -112,7 +113,8 @@ class CalibratedCounts(LabelStrategy):
         assert self._images is not None and self._labels is not None
         return self._images, self._labels
 
-    def _inputs(self, images: Tensor) -> Tensor:
+    def victim_inputs(self, images: Tensor) -> Tensor:
+        """``images`` normalised as the victim's inputs (``mean``/``std``)."""
         if self.mean is None:
             return images
         mean = torch.tensor(self.mean, dtype=images.dtype).view(1, -1, 1, 1)
@@ -122,11 +124,11 @@ class CalibratedCounts(LabelStrategy):
     def probabilities(self, model: nn.Module, num_classes: int) -> tuple[Tensor, Tensor]:
         """``P`` and the classes with public images, measured once per victim model."""
         if self._table is None or self._table[0]() is not model:
-            images, labels = self._public()
+            images, labels = self.public_images()
             was_training = model.training
             model.eval()
             try:
-                table, present = class_mean_softmax(model, self._inputs(images), labels, num_classes, self.batch_size)
+                table, present = class_mean_softmax(model, self.victim_inputs(images), labels, num_classes, self.batch_size)
             finally:
                 model.train(was_training)
             self._table = (weakref.ref(model), table, present)
@@ -141,7 +143,7 @@ class CalibratedCounts(LabelStrategy):
         table, present = self.probabilities(model, c)
         a, solution = solve_count_system(table, g, n)
         counts = round_counts(solution, n, np.clip(g.numpy() + solution, 0.0, None) + 0.1)  # as ILRG's rounding
-        images, labels = self._public()
+        images, labels = self.public_images()
         self.note(
             implied_counts=[round(float(v), 4) for v in solution],
             system_residual=float(np.abs(a @ counts - g.numpy()).max()),

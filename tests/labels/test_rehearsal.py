@@ -1,0 +1,128 @@
+"""AutoLabels with labelled public images: the label rule is chosen by rehearsal on public batches.
+
+Victims: a small CNN trained until confident on four classes of the bundled photographs (attacked, public and
+training images are disjoint crops) and an untrained ResNet-18. Every gradient comes from a real backward pass.
+"""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_gi.client import ThreatModel
+from lightning_gi.labels import ILRG, LLG, AutoLabels, CalibratedCounts, label_strategy
+from lightning_gi.labels.rehearsal import draw_rehearsal_batch, head_gradient_observation, labels_off, public_folds
+from lightning_gi.observation import capture_observation
+from lightning_gi.victim import torchvision_classifier
+from lightning_gi.victim.data import BundledPhotographs, select_batch
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _off(got, truth, c=20):
+    return labels_off(got, truth, c)
+
+
+@pytest.fixture(scope="module")
+def confident_case():
+    data = BundledPhotographs(image_size=16, crops_per_photo=30)
+    keep = [i for i, t in enumerate(data.targets) if t < 4]
+    images = data.images[keep]
+    labels = torch.tensor([data.targets[i] for i in keep]) * 5  # classes 0, 5, 10, 15 of a 20-class head
+    split = torch.arange(len(keep)) % 3
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 20))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(images[split == 0]), labels[split == 0]).backward()
+        opt.step()
+    model.eval()
+    attack_x, attack_y = images[split == 2], labels[split == 2]
+    gen = torch.Generator().manual_seed(3)
+    pick = torch.cat([torch.nonzero(attack_y == c).flatten()[torch.randperm(10, generator=gen)[:k]]
+                      for c, k in zip((0, 5, 10, 15), (9, 3, 12, 8))])
+    return model, attack_x[pick], attack_y[pick], images[split == 1], labels[split == 1]
+
+
+def test_rehearsal_picks_the_calibrated_counts_on_a_confident_victim(confident_case):
+    model, x, y, public_x, public_y = confident_case
+    obs = capture_observation(model, x, y)
+    auto = AutoLabels(image_size=16).use_public_images(public_x, public_y)
+    got = auto(obs, model)
+    d = auto.diagnostics
+    assert d["chosen_strategy"] == "calibrated", d["rehearsal_labels_off"]
+    assert set(d["rehearsal_labels_off"]) == {"ilrg", "calibrated", "evolutionary", "bias-corrected", "llg"}
+    ilrg_off = _off(ILRG(refine_steps=6)(obs, model), y)
+    llg_off = _off(LLG()(obs, model), y)
+    assert _off(got, y) < min(ilrg_off, llg_off), (_off(got, y), ilrg_off, llg_off)  # measured 6 vs 24 and 19 of 32
+    assert "warning" in d and "rehearsal" in d["warning"]  # the rehearsal's own error is reported
+
+
+def test_rehearsal_keeps_ilrg_exact_on_an_untrained_victim():
+    photos = BundledPhotographs(image_size=32, crops_per_photo=8)
+    attacked = [i for i in range(len(photos.targets)) if i % 2 == 0]
+    public = [i for i in range(len(photos.targets)) if i % 2 == 1]
+    torch.manual_seed(0)
+    model = torchvision_classifier("resnet18", num_classes=100).eval()
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    pool = torch.utils.data.Subset(photos, attacked)
+    pool.targets, pool.num_classes = [photos.targets[i] for i in attacked], photos.num_classes
+    x, y, _ = select_batch(pool, 64, seed=1, label_mode="repeated", num_distinct=10)
+    obs = capture_observation(model, (x - mean) / std, y)
+    auto = AutoLabels(image_size=32, mean=MEAN, std=STD).use_public_images(
+        photos.images[public], torch.tensor([photos.targets[i] for i in public]))
+    assert auto(obs, model).tolist() == y.sort().values.tolist()
+    assert auto.diagnostics["chosen_strategy"] == "ilrg"
+    assert auto.diagnostics["rehearsal_labels_off"]["ilrg"] == 0.0
+    assert "warning" not in auto.diagnostics
+
+
+def test_no_rehearsal_for_updates_it_cannot_model(confident_case):
+    model, x, y, public_x, public_y = confident_case
+    auto = AutoLabels(image_size=16).use_public_images(public_x, public_y)
+    fedavg = ThreatModel(threat_model="fedavg", local_steps=2, local_lr=0.1).to_metadata()
+    for metadata, why in ((fedavg, "not one FedSGD gradient"), ({"defenses": True}, "defended")):
+        obs = capture_observation(model, x, y, metadata=metadata)
+        auto(obs, model)
+        assert why in auto.diagnostics["rehearsal_skipped"]
+        assert "rehearsal_labels_off" not in auto.diagnostics
+
+
+def test_public_file_through_the_registry(confident_case, tmp_path):
+    model, x, y, public_x, public_y = confident_case
+    path = tmp_path / "public.pt"
+    torch.save({"images": public_x, "labels": public_y}, path)
+    obs = capture_observation(model, x, y)
+    from_file = label_strategy("auto", image_size=16, public_path=str(path))
+    in_memory = AutoLabels(image_size=16).use_public_images(public_x, public_y)
+    assert from_file(obs, model).tolist() == in_memory(obs, model).tolist()
+    assert from_file.diagnostics["rehearsal_labels_off"] == in_memory.diagnostics["rehearsal_labels_off"]
+    with pytest.raises(ValueError, match="rehearsals"):
+        AutoLabels(rehearsals=0)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_head_gradient_observation_matches_the_client_and_keeps_buffers(training):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 7))
+    model.train(training)
+    x, y = torch.rand(5, 3, 8, 8), torch.tensor([0, 3, 3, 6, 1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    head_obs = head_gradient_observation(model, x, y)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    full = capture_observation(model, x, y)
+    assert torch.allclose(head_obs.gradients[-2], full.gradients[-2], atol=1e-6)
+    assert torch.allclose(head_obs.gradients[-1], full.gradients[-1], atol=1e-6)
+    assert all(float(g.abs().max()) == 0.0 for g in head_obs.gradients[:-2])
+
+
+def test_rehearsal_batches_follow_the_counts_and_folds():
+    labels = torch.tensor([0] * 8 + [2] * 8 + [5] * 3)
+    folds = public_folds(labels, 4)
+    for c in (0, 2, 5):
+        assert sorted(folds[labels == c].tolist()) == sorted((torch.arange(int((labels == c).sum())) % 4).tolist())
+    gen = torch.Generator().manual_seed(0)
+    batch = labels[draw_rehearsal_batch(labels, {0: 5, 2: 1, 9: 3}, gen)]  # class 9 has no public images
+    counts = np.bincount(batch.numpy(), minlength=10)
+    assert counts[0] == 5 and counts[2] == 1 and counts[5] == 3 and counts.sum() == 9
