@@ -54,7 +54,7 @@ _QUIET_LOG_LINES = re.compile(
 )
 
 _TOP_HELP = """\
-usage: lightning-gi [-h] [--version] [--debug] {fit,giml,aux-stats,train-dcgan} [options]
+usage: lightning-gi [-h] [--version] [--debug] {fit,giml,aux-stats,train-dcgan,public-images} [options]
 
 Gradient inversion attacks (DLG, iDLG, Inverting Gradients, GradInversion, stepwise, GIAS/GIML)
 as PyTorch Lightning modules.
@@ -68,6 +68,8 @@ subcommands:
                lightning-gi aux-stats --model resnet34 --out checkpoints/resnet34_aux_stats.pt
   train-dcgan  train a DCGAN prior on the bundled public images:
                lightning-gi train-dcgan --dataset photographs
+  public-images  labelled public images for label recovery (AutoLabels / CalibratedCounts public_path):
+               lightning-gi public-images --dataset digits --image_size 32 --out public.pt
   (lightning-gi COMMAND --help lists each command's options)
 
 options:
@@ -84,6 +86,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "giml": ("lightning_gi.tools.giml", "meta-learn a generator from gradients (GIML)"),
     "aux-stats": ("lightning_gi.tools.aux_stats", "auxiliary statistics for the stepwise attack"),
     "train-dcgan": ("lightning_gi.tools.train_dcgan", "train a DCGAN prior on the bundled public images"),
+    "public-images": ("lightning_gi.tools.public_images", "labelled public images for label recovery"),
 }
 COMMANDS = ("fit", *TOOLS)
 

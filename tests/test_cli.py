@@ -231,7 +231,7 @@ def test_tools_are_subcommands_of_the_one_cli():
     from lightning_gi.cli import TOOLS
 
     top = _run(["--help"])
-    for tool in ("giml", "aux-stats", "train-dcgan"):
+    for tool in ("giml", "aux-stats", "train-dcgan", "public-images"):
         assert tool in TOOLS and f"lightning-gi {tool}" in top
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as info:

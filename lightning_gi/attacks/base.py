@@ -283,6 +283,7 @@ class GradientInversionAttack(pl.LightningModule):
     def recover_labels(self) -> Optional[Tensor]:
         if self.label_strategy is None:
             return None
+        self.label_strategy.adopt_input_normalisation(self.inputs.mean.flatten().tolist(), self.inputs.std.flatten().tolist())
         return self.label_strategy(self.pseudo_gradient_observation(), self.victim)
 
     def initial_images(self, generator: torch.Generator) -> Tensor:

@@ -200,6 +200,14 @@ class AutoLabels(LabelStrategy):
         self._fold_strategies = {}
         return self
 
+    def adopt_input_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The public images get the attack's input normalisation when ``mean``/``std`` were not given."""
+        if self._mean is None:
+            self._mean, self._std = list(mean), list(std)
+            if self.public is not None:
+                self.public.adopt_input_normalisation(mean, std)
+            self._fold_strategies = {}
+
     def rehearsal_skipped(self, observation: GradientObservation) -> Optional[str]:
         """Why the rehearsal does not apply to this observation (None: it does). It models one FedSGD gradient
         of an undefended client."""

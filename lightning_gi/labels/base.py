@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,11 @@ class LabelStrategy(ABC):
     @abstractmethod
     def recover(self, observation: GradientObservation, model: nn.Module) -> Tensor:
         """Labels [batch_size] from what the attacker has."""
+
+    def adopt_input_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Called by the attack before recovery with the victim's input normalisation. Strategies that feed
+        public images to the victim (:class:`~lightning_gi.labels.CalibratedCounts`, ``AutoLabels`` with public
+        images) take it where none was given, so that the images are normalised as the client's; others ignore it."""
 
     def note(self, **values: Any) -> None:
         """Add entries to :attr:`diagnostics` (for use inside :meth:`recover`)."""

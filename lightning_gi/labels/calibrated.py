@@ -113,6 +113,11 @@ class CalibratedCounts(LabelStrategy):
         assert self._images is not None and self._labels is not None
         return self._images, self._labels
 
+    def adopt_input_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        if self.mean is None:
+            self.mean, self.std = list(mean), list(std)
+            self._table = None
+
     def victim_inputs(self, images: Tensor) -> Tensor:
         """``images`` normalised as the victim's inputs (``mean``/``std``)."""
         if self.mean is None:

@@ -126,3 +126,27 @@ def test_rehearsal_batches_follow_the_counts_and_folds():
     batch = labels[draw_rehearsal_batch(labels, {0: 5, 2: 1, 9: 3}, gen)]  # class 9 has no public images
     counts = np.bincount(batch.numpy(), minlength=10)
     assert counts[0] == 5 and counts[2] == 1 and counts[5] == 3 and counts.sum() == 9
+
+
+def test_the_attack_gives_public_images_the_victims_normalisation():
+    """A strategy built without ``mean``/``std`` (as a config would) normalises its public images as the victim's
+    inputs once an attack uses it: before, raw [0, 1] images went into a victim trained on normalised ones."""
+    from lightning_gi.attacks import InvertingGradients
+    from lightning_gi.labels.calibrated import class_mean_softmax
+    from lightning_gi.victim import DatasetImages, LeNet, Victim
+    from lightning_gi.victim.data import BundledDigits
+
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    dm = Victim(LeNet(num_classes=10, image_size=16), source=DatasetImages("digits", batch_size=4, label_mode="repeated",
+                num_distinct=2), image_shape=(3, 16, 16), mean=mean, std=std, model_seed=0)
+    dm.setup()
+    public = BundledDigits(image_size=16, channels=3, pool="public")
+    for strategy in (CalibratedCounts.from_tensors(public.images, torch.tensor(public.targets)),
+                     AutoLabels(image_size=16).use_public_images(public.images, torch.tensor(public.targets))):
+        attack = InvertingGradients(label_strategy=strategy).bind(dm.attack_inputs())
+        attack.recover_labels()
+        calibrated = strategy if isinstance(strategy, CalibratedCounts) else strategy.public
+        inputs = (public.images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        expected, _ = class_mean_softmax(dm.attack_inputs().model.eval(), inputs, torch.tensor(public.targets), 10)
+        table, _ = calibrated.probabilities(attack.victim, 10)
+        assert torch.allclose(table, expected, atol=1e-6)

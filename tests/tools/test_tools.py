@@ -144,3 +144,24 @@ def test_older_flag_spellings_map_to_the_typed_options():
         "--num_classes", "20", "--calibrate_bn", "true", "--mean", "[0.5, 0.4, 0.3]", "--image_size=32", "--out", "x.pt"
     ]
     assert normalise_argv(aux_stats, ["--calibrate_bn", "false", "--no-such-flag"]) == ["--calibrate_bn", "false", "--no-such-flag"]
+
+
+# ---------------------------------------------------------------------------------------------- public-images
+def test_public_images_writes_labelled_digits_that_auto_labels_reads(tmp_path):
+    """The bundled digits' PUBLIC pool (disjoint from the attacked digits), labels 0-9, read back weights-only and
+    usable as ``AutoLabels(public_path=...)``; the photographs (other pictures in their public pool) are refused."""
+    from lightning_gi.labels import AutoLabels
+    from lightning_gi.victim.data import BundledDigits
+
+    out = tmp_path / "public.pt"
+    code, stdout, err = run_cli(["public-images", "--dataset", "digits", "--image_size", "16", "--per_class", "4",
+                                 "--out", str(out)])
+    assert code == 0, err
+    blob = torch.load(out, weights_only=True)
+    assert blob["images"].shape == (40, 3, 16, 16) and sorted(blob["labels"].tolist()) == sorted(list(range(10)) * 4)
+    private = BundledDigits(image_size=16, channels=3, pool="private").images
+    assert not any(bool((private - img).abs().amax(dim=(1, 2, 3)).eq(0).any()) for img in blob["images"])
+    auto = AutoLabels(image_size=16, public_path=str(out))
+    assert auto.public is not None and auto.public.public_images()[0].shape[0] == 40
+    code, _, err = run_cli(["public-images", "--dataset", "photographs", "--out", str(tmp_path / "x.pt")])
+    assert code == 2 and "photographs" in err and "Traceback" not in err and not (tmp_path / "x.pt").exists()
