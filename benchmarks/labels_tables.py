@@ -1,7 +1,8 @@
 """Markdown tables (exact-multiset rate / mean labels off) from one or more ``benchmarks.labels`` result files.
 
 Several files (e.g. one per victim, run in parallel) can be merged into one envelope with ``--merge OUT``;
-the merged settings keep each input's settings under ``parts``.
+the merged settings keep each input's settings under ``parts``. A row of a later file replaces a row of an
+earlier one for the same victim, state, batch case and strategy (a re-run of one strategy).
 
     python -m benchmarks.labels_tables benchmarks/results/labels.json
     python -m benchmarks.labels_tables part1.json part2.json --merge benchmarks/results/labels.json
@@ -46,14 +47,15 @@ def tables(rows: list[dict[str, Any]]) -> str:
         for s in strategies:
             by_case = {(r["batch_size"], r["num_distinct"]): r for r in group if r["strategy"] == s}
             out.append(f"| {s} | " + " | ".join(_cell(by_case[c]) if c in by_case else "-" for c in cases) + " |")
-        autos = [r for r in group if r["strategy"] == "auto"]
-        if autos:
-            chose = "; ".join(
-                f"{r['batch_size']}: " + ", ".join(f"{k} {v}" for k, v in sorted(_chose(r).items()))
-                + (f" (confidence {r['auto_bias_gradient_confidence']:.2f})" if "auto_bias_gradient_confidence" in r else "")
-                for r in autos
-            )
-            out += ["", f"`auto` chose: {chose}"]
+        for name in ("auto", "auto_public"):
+            autos = [r for r in group if r["strategy"] == name and _chose(r)]
+            if autos:
+                chose = "; ".join(
+                    f"{r['batch_size']}: " + ", ".join(f"{k} {v}" for k, v in sorted(_chose(r).items()))
+                    + (f" (confidence {r['auto_bias_gradient_confidence']:.2f})" if "auto_bias_gradient_confidence" in r else "")
+                    for r in autos
+                )
+                out += ["", f"`{name}` chose: {chose}"]
         out.append("")
     return "\n".join(out)
 
@@ -64,13 +66,18 @@ def _chose(row: dict[str, Any]) -> dict[str, int]:
     return {k.split(".", 1)[1]: v for k, v in row.items() if k.startswith("auto_chose.")}
 
 
+def _key(row: dict[str, Any]) -> tuple:
+    """A row's identity: a later file's row replaces an earlier one with the same key (a re-run of one strategy)."""
+    return row["victim"], row["state"], row["batch_size"], row["num_distinct"], row["strategy"]
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+")
     parser.add_argument("--merge", help="write the rows of all files as one envelope to this .json path")
     args = parser.parse_args(argv)
     payloads = [load_result(f) for f in args.files]
-    rows = [r for p in payloads for r in p["results"]]
+    rows = list({_key(r): r for p in payloads for r in p["results"]}.values())
     if args.merge:
         settings = {"merged_from": [str(f) for f in args.files], "parts": [p["settings"] for p in payloads],
                     "description": payloads[0]["settings"].get("description", "")}

@@ -131,10 +131,16 @@ def test_labels_smoke_and_tables_merge(tmp_path):
     assert {r["strategy"] for r in rows} == {"ilrg", "llg"}
     ilrg = next(r for r in rows if r["strategy"] == "ilrg")
     assert ilrg["exact"] == 1.0 and ilrg["labels_off"] == 0.0  # untrained LeNet, batch 8 of 3 classes
+    rerun = tmp_path / "rerun.json"  # a re-run of one strategy replaces its rows
+    payload = json.loads(part.read_text())
+    payload["results"] = [{**r, "labels_off": 9.5, "exact": 0.0} for r in payload["results"] if r["strategy"] == "llg"]
+    rerun.write_text(json.dumps(payload))
     merged = tmp_path / "merged.json"
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.labels_tables", str(part), str(part), "--merge", str(merged)],
+        [sys.executable, "-m", "benchmarks.labels_tables", str(part), str(rerun), "--merge", str(merged)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
     ).stdout
-    assert len(_common().load_result(merged)["results"]) == 2 * len(rows)
-    assert "| ilrg | 100% / 0.0 |" in out and "**lenet32, untrained**" in out
+    merged_rows = _common().load_result(merged)["results"]
+    assert len(merged_rows) == len(rows)
+    assert {r["labels_off"] for r in merged_rows if r["strategy"] == "llg"} == {9.5}
+    assert "| ilrg | 100% / 0.0 |" in out and "| llg | 0% / 9.5 |" in out and "**lenet32, untrained**" in out

@@ -25,7 +25,7 @@ With labelled public images (``public_path``, or :meth:`AutoLabels.use_public_im
 without defenses, rules 1-4 give way to a REHEARSAL (:mod:`~lightning_gi.labels.rehearsal`): batches with the
 class counts of a first estimate (:class:`CalibratedCounts`; LLG without a bias) are built from public images,
 their gradients computed on the victim, and the candidate that recovers them best is used: ILRG,
-:class:`CalibratedCounts` (measured on the public images outside the rehearsal batch's fold), the evolutionary
+:class:`CalibratedCounts` (measured on the public images outside the rehearsal batch), the evolutionary
 search, bias-corrected LLG and LLG (those that run on this head). Its measured error is noted (``rehearsal_labels_off``) and becomes the ``warning`` when it is 5% of the batch
 or more.
 
@@ -48,12 +48,9 @@ from .counting import ILRG, BiasCounts
 from .evolutionary import CoarseLabelCounts, EvolutionaryLabelCounts
 from .heuristics import LLG, BiasCorrectedLabels, WainakhLabels, YinLabels
 from .idlg import IDLGLabels, SharedLabels
-from .rehearsal import public_folds, rehearse
+from .rehearsal import rehearse
 
 log = logging.getLogger("lightning_gi.labels")
-
-#: public images are dealt over this many folds for the rehearsal (module docs)
-REHEARSAL_FOLDS = 4
 
 __all__ = ["AutoLabels", "LABEL_STRATEGIES", "label_strategy", "bias_gradient_confidence"]
 
@@ -98,8 +95,8 @@ class AutoLabels(LabelStrategy):
         public_path: labelled public images of the victim's classes (a ``.pt`` dict as for
             :class:`CalibratedCounts`, normalised with ``mean``/``std``): the strategy is then chosen by rehearsal
             (module docs). None (default): rules 1-4.
-        rehearsals: rehearsal batches (each from one of 4 folds of the public images, scored with strategies
-            fitted on the other three).
+        rehearsals: rehearsal batches (each class's images in a batch come from at most a quarter of its public
+            images; CalibratedCounts is measured on the rest).
     """
 
     def __init__(
@@ -115,7 +112,7 @@ class AutoLabels(LabelStrategy):
         confident_above: float = 0.7,
         confident_min_batch: int = 8,
         public_path: Optional[str] = None,
-        rehearsals: int = 4,
+        rehearsals: int = 8,
     ) -> None:
         if rehearsals < 1:
             raise ValueError(f"rehearsals must be >= 1, got {rehearsals}")
@@ -123,7 +120,6 @@ class AutoLabels(LabelStrategy):
         self.public: Optional[CalibratedCounts] = (
             None if public_path is None else CalibratedCounts(public_path=public_path, mean=mean, std=std))
         self._mean, self._std = mean, std
-        self._fold_strategies: dict[int, CalibratedCounts] = {}
         if confident_min_batch < 2:
             raise ValueError(f"confident_min_batch must be >= 2, got {confident_min_batch}")
         self.confident_min_batch = int(confident_min_batch)
@@ -197,7 +193,6 @@ class AutoLabels(LabelStrategy):
     def use_public_images(self, images: Tensor, labels: Tensor) -> "AutoLabels":
         """Labelled public images ([M, C, H, W] in [0, 1], [M]) already in memory, in place of ``public_path``."""
         self.public = CalibratedCounts.from_tensors(images, labels, mean=self._mean, std=self._std)
-        self._fold_strategies = {}
         return self
 
     def adopt_input_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -206,7 +201,6 @@ class AutoLabels(LabelStrategy):
             self._mean, self._std = list(mean), list(std)
             if self.public is not None:
                 self.public.adopt_input_normalisation(mean, std)
-            self._fold_strategies = {}
 
     def rehearsal_skipped(self, observation: GradientObservation) -> Optional[str]:
         """Why the rehearsal does not apply to this observation (None: it does). It models one FedSGD gradient
@@ -227,21 +221,12 @@ class AutoLabels(LabelStrategy):
             return "the update was defended"
         return None
 
-    def _fold_calibrated(self, fold: int) -> CalibratedCounts:
-        """CalibratedCounts measured on the public images outside ``fold`` (cached)."""
-        assert self.public is not None
-        if fold not in self._fold_strategies:
-            images, labels = self.public.public_images()
-            keep = public_folds(labels, REHEARSAL_FOLDS) != fold
-            self._fold_strategies[fold] = CalibratedCounts.from_tensors(images[keep], labels[keep], mean=self._mean, std=self._std)
-        return self._fold_strategies[fold]
-
-    def _candidates(self, with_bias: bool, fold: Optional[int]) -> dict[str, LabelStrategy]:
-        """The rehearsal's candidates (``fold`` None: CalibratedCounts on all public images)."""
+    def _candidates(self, with_bias: bool, measure: Optional[Tensor]) -> dict[str, LabelStrategy]:
+        """The rehearsal's candidates (CalibratedCounts measured where ``measure`` is true; None: on all public images)."""
         if not with_bias:
             return {"evolutionary": self.evolutionary, "llg": LLG()}
         assert self.public is not None
-        calibrated = self.public if fold is None else self._fold_calibrated(fold)
+        calibrated = self.public if measure is None else self.public.held_out(measure)
         return {"ilrg": ILRG(refine_steps=self.refine_steps), "calibrated": calibrated, "evolutionary": self.evolutionary,
                 "bias-corrected": BiasCorrectedLabels(), "llg": LLG()}
 
@@ -253,9 +238,8 @@ class AutoLabels(LabelStrategy):
         first = (self.public if bias is not None else LLG())(observation, model)
         counts = {int(c): int(n) for c, n in zip(*torch.unique(first, return_counts=True))}
         images, labels = self.public.public_images()
-        folds = public_folds(labels, REHEARSAL_FOLDS)
-        scores = rehearse(lambda fold: self._candidates(bias is not None, fold), model, self.public.victim_inputs(images),
-                          labels, counts, folds, self.rehearsals, seed=self.seed)
+        scores = rehearse(lambda measure: self._candidates(bias is not None, measure), model,
+                          self.public.victim_inputs(images), labels, counts, self.rehearsals, seed=self.seed)
         valid = {name: v for name, v in scores.items() if v is not None}
         if not valid:
             raise ValueError("no label strategy ran on the rehearsal batches of this victim")

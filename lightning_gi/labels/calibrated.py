@@ -26,31 +26,40 @@ from ..observation import GradientObservation, ObservationError
 from .base import LabelStrategy, classifier_gradients, loss_scale
 from .counting import counts_to_label_vector, round_counts, solve_count_system
 
-__all__ = ["CalibratedCounts", "class_mean_softmax"]
+__all__ = ["CalibratedCounts", "class_mean_softmax", "class_means", "image_softmax"]
 
 
 @torch.no_grad()
-def class_mean_softmax(model: nn.Module, images: Tensor, labels: Tensor, num_classes: int, batch_size: int = 64) -> tuple[Tensor, Tensor]:
-    """(``P`` [C, C] float64: row ``j`` = the model's mean softmax over the images labelled ``j``, the overall
-    mean for classes without images; ``present`` [C] bool: classes with images). ``images`` are model inputs."""
+def image_softmax(model: nn.Module, images: Tensor, batch_size: int = 64) -> Tensor:
+    """The model's softmax [M, C] (float64, on the CPU) of each of ``images`` (model inputs)."""
     device = next(model.parameters()).device
-    probs = []
-    for start in range(0, images.shape[0], batch_size):
-        logits = model(images[start:start + batch_size].to(device))
-        probs.append(torch.softmax(logits.double(), dim=1).cpu())
-    p = torch.cat(probs)
-    if p.shape[1] != num_classes:
-        raise ObservationError(f"the victim outputs {p.shape[1]} classes but its last layer's gradient has {num_classes}")
+    return torch.cat([torch.softmax(model(images[s:s + batch_size].to(device)).double(), dim=1).cpu()
+                      for s in range(0, images.shape[0], batch_size)])
+
+
+def class_means(probs: Tensor, labels: Tensor, num_classes: int, keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(``P`` [C, C]: row ``j`` = the mean of ``probs`` over the images labelled ``j`` (the mean over all images
+    for classes without any), ``present`` [C] bool), over the images where ``keep`` (bool [M]) is true."""
+    if probs.shape[1] != num_classes:
+        raise ObservationError(f"the victim outputs {probs.shape[1]} classes but its last layer's gradient has {num_classes}")
     labels = labels.long().cpu()
-    table = p.mean(dim=0).expand(num_classes, num_classes).clone()
+    if keep is not None:
+        probs, labels = probs[keep], labels[keep]
+    table = probs.mean(dim=0).expand(num_classes, num_classes).clone()
     present = torch.zeros(num_classes, dtype=torch.bool)
     for c in labels.unique():
         c = int(c)
         if not 0 <= c < num_classes:
             raise ValueError(f"public label {c} is outside the victim's {num_classes} classes")
-        table[c] = p[labels == c].mean(dim=0)
+        table[c] = probs[labels == c].mean(dim=0)
         present[c] = True
     return table, present
+
+
+def class_mean_softmax(model: nn.Module, images: Tensor, labels: Tensor, num_classes: int, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+    """(``P`` [C, C] float64: row ``j`` = the model's mean softmax over the images labelled ``j``, the overall
+    mean for classes without images; ``present`` [C] bool: classes with images). ``images`` are model inputs."""
+    return class_means(image_softmax(model, images, batch_size), labels, num_classes)
 
 
 class CalibratedCounts(LabelStrategy):
@@ -81,7 +90,7 @@ class CalibratedCounts(LabelStrategy):
         self.public_path, self.mean, self.std, self.batch_size = public_path, mean, std, int(batch_size)
         self._images: Optional[Tensor] = None
         self._labels: Optional[Tensor] = None
-        self._table: Optional[tuple[weakref.ref, Tensor, Tensor]] = None  # (the model, P, present)
+        self._table: Optional[tuple[weakref.ref, Tensor]] = None  # (the model, softmax of each public image)
 
     @classmethod
     def from_tensors(cls, images: Tensor, labels: Tensor, mean: Optional[Sequence[float]] = None,
@@ -126,33 +135,58 @@ class CalibratedCounts(LabelStrategy):
         std = torch.tensor(self.std, dtype=images.dtype).view(1, -1, 1, 1)
         return (images - mean) / std
 
-    def probabilities(self, model: nn.Module, num_classes: int) -> tuple[Tensor, Tensor]:
-        """``P`` and the classes with public images, measured once per victim model."""
+    def public_softmax(self, model: nn.Module) -> Tensor:
+        """The victim's softmax [M, C] of each public image (eval mode), measured once per victim model."""
         if self._table is None or self._table[0]() is not model:
-            images, labels = self.public_images()
+            images, _ = self.public_images()
             was_training = model.training
             model.eval()
             try:
-                table, present = class_mean_softmax(model, self.victim_inputs(images), labels, num_classes, self.batch_size)
+                probs = image_softmax(model, self.victim_inputs(images), self.batch_size)
             finally:
                 model.train(was_training)
-            self._table = (weakref.ref(model), table, present)
-        return self._table[1], self._table[2]
+            self._table = (weakref.ref(model), probs)
+        return self._table[1]
+
+    def probabilities(self, model: nn.Module, num_classes: int, keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """``P`` and the classes with public images, from the public images where ``keep`` (bool [M]; None: all)."""
+        return class_means(self.public_softmax(model), self.public_images()[1], num_classes, keep)
+
+    def held_out(self, keep: Tensor) -> "LabelStrategy":
+        """This strategy measured on the public images where ``keep`` is true only (the rehearsal scores it on the
+        others); shares the measured softmaxes."""
+        return _CalibratedSubset(self, keep)
 
     def recover(self, observation: GradientObservation, model: nn.Module) -> Tensor:
+        return self.recover_from(observation, model, None)
+
+    def recover_from(self, observation: GradientObservation, model: nn.Module, keep: Optional[Tensor]) -> Tensor:
+        """:meth:`recover` with ``P`` measured on the public images where ``keep`` is true (None: all)."""
         _, bias = classifier_gradients(observation, model)
         if bias is None:
             raise ObservationError("CalibratedCounts needs a bias in the victim's last linear layer; this one has none")
         g = bias.detach().double().cpu() * loss_scale(observation)
         n, c = observation.batch_size, g.numel()
-        table, present = self.probabilities(model, c)
+        table, present = self.probabilities(model, c, keep)
         a, solution = solve_count_system(table, g, n)
         counts = round_counts(solution, n, np.clip(g.numpy() + solution, 0.0, None) + 0.1)  # as ILRG's rounding
-        images, labels = self.public_images()
+        classes = present.nonzero().flatten()
         self.note(
             implied_counts=[round(float(v), 4) for v in solution],
             system_residual=float(np.abs(a @ counts - g.numpy()).max()),
             public_classes=int(present.sum()),
-            public_p_true=float(table[labels.unique(), labels.unique()].mean()),
+            public_p_true=float(table[classes, classes].mean()),
         )
         return counts_to_label_vector(counts)
+
+
+class _CalibratedSubset(LabelStrategy):
+    """:class:`CalibratedCounts` measured on a subset of its public images (:meth:`CalibratedCounts.held_out`)."""
+
+    def __init__(self, parent: CalibratedCounts, keep: Tensor) -> None:
+        self.parent, self.keep = parent, keep
+
+    def recover(self, observation: GradientObservation, model: nn.Module) -> Tensor:
+        labels = self.parent.recover_from(observation, model, self.keep)
+        self.note(**self.parent.diagnostics)
+        return labels

@@ -24,7 +24,7 @@ from ..client import cross_entropy, forward_keeping_buffers
 from ..observation import GradientObservation, ObservationError
 from .base import LabelStrategy, last_linear
 
-__all__ = ["head_gradient_observation", "draw_rehearsal_batch", "labels_off", "public_folds", "rehearse"]
+__all__ = ["head_gradient_observation", "draw_rehearsal_batch", "labels_off", "rehearse"]
 
 
 def head_gradient_observation(model: nn.Module, images: Tensor, labels: Tensor) -> GradientObservation:
@@ -45,21 +45,12 @@ def head_gradient_observation(model: nn.Module, images: Tensor, labels: Tensor) 
                                param_names=[n for n, _ in model.named_parameters()])
 
 
-def public_folds(labels: Tensor, folds: int) -> Tensor:
-    """Fold index [M] of each public image: the images of each class dealt round-robin over ``folds`` folds, so
-    that a strategy that learns from public images (CalibratedCounts) is scored only on images it did not learn
-    from (rehearsal batch from fold f, the strategy fitted on the other folds)."""
-    fold = torch.empty(labels.shape[0], dtype=torch.long)
-    for c in labels.unique().tolist():
-        idx = torch.nonzero(labels == c).flatten()
-        fold[idx] = torch.arange(idx.numel()) % int(folds)
-    return fold
-
-
-def draw_rehearsal_batch(labels: Tensor, counts: Mapping[int, int], generator: torch.Generator) -> Tensor:
+def draw_rehearsal_batch(labels: Tensor, counts: Mapping[int, int], generator: torch.Generator,
+                         max_fraction: float = 0.25) -> Tensor:
     """Indices into ``labels`` for one rehearsal batch with ``counts[c]`` images of class ``c``; a class without
-    images in ``labels`` is replaced by a random class that has some. Images are drawn with replacement within a
-    class."""
+    images in ``labels`` is replaced by a random class that has some. Each class's batch images come from at most
+    ``max_fraction`` of its images (at least one), repeated when the count is larger, so that the other images
+    (three quarters or more) remain for strategies that learn from public images (CalibratedCounts)."""
     available = labels.unique().tolist()
     if not available:
         raise ValueError("rehearsal needs at least one public image")
@@ -76,7 +67,9 @@ def draw_rehearsal_batch(labels: Tensor, counts: Mapping[int, int], generator: t
     picks = []
     for c, n in plan.items():
         idx = torch.nonzero(labels == c).flatten()
-        picks.append(idx[torch.randint(idx.numel(), (n,), generator=generator)])
+        distinct = idx[torch.randperm(idx.numel(), generator=generator)[: max(1, min(n, int(max_fraction * idx.numel())))]]
+        extra = distinct[torch.randint(distinct.numel(), (n - distinct.numel(),), generator=generator)]
+        picks.append(torch.cat([distinct, extra]))
     return torch.cat(picks)
 
 
@@ -89,30 +82,28 @@ def labels_off(recovered: Tensor, truth: Tensor, num_classes: int) -> float:
 
 
 def rehearse(
-    candidates: Callable[[int], Mapping[str, LabelStrategy]],
+    candidates: Callable[[Tensor], Mapping[str, LabelStrategy]],
     model: nn.Module,
     images: Tensor,
     labels: Tensor,
     counts: Mapping[int, int],
-    folds: Tensor,
     trials: int,
     seed: int = 0,
 ) -> dict[str, Optional[float]]:
     """Mean labels off of each candidate over ``trials`` rehearsal batches with the class counts ``counts``
-    (None: the candidate failed on this victim). Trial ``t`` draws its batch from fold ``t mod F`` of the public
-    images (``folds``, see :func:`public_folds`) and scores ``candidates(f)``, strategies fitted on the other folds.
-    ``images`` are victim inputs (already normalised), ``labels`` their classes."""
+    (None: the candidate failed on this victim). Each trial draws a batch (:func:`draw_rehearsal_batch`) and
+    scores ``candidates(measure)``: strategies that may learn only from the public images NOT in the batch
+    (``measure``: bool [M]). ``images`` are victim inputs (already normalised), ``labels`` their classes."""
     num_classes = int(last_linear(model).out_features)
-    num_folds = int(folds.max()) + 1
     gen = torch.Generator().manual_seed(int(seed))
     scores: dict[str, list[float]] = {}
     failed: set[str] = set()
-    for t in range(int(trials)):
-        fold = t % num_folds
-        in_fold = torch.nonzero(folds == fold).flatten()
-        pick = in_fold[draw_rehearsal_batch(labels[in_fold], counts, gen)]
+    for _ in range(int(trials)):
+        pick = draw_rehearsal_batch(labels, counts, gen)
+        measure = torch.ones(labels.shape[0], dtype=torch.bool)
+        measure[pick] = False
         observation = head_gradient_observation(model, images[pick], labels[pick])
-        for name, strategy in candidates(fold).items():
+        for name, strategy in candidates(measure).items():
             scores.setdefault(name, [])
             if name in failed:
                 continue

@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_gi.client import ThreatModel
 from lightning_gi.labels import ILRG, LLG, AutoLabels, CalibratedCounts, label_strategy
-from lightning_gi.labels.rehearsal import draw_rehearsal_batch, head_gradient_observation, labels_off, public_folds
+from lightning_gi.labels.rehearsal import draw_rehearsal_batch, head_gradient_observation, labels_off
 from lightning_gi.observation import capture_observation
 from lightning_gi.victim import torchvision_classifier
 from lightning_gi.victim.data import BundledPhotographs, select_batch
@@ -117,15 +117,14 @@ def test_head_gradient_observation_matches_the_client_and_keeps_buffers(training
     assert all(float(g.abs().max()) == 0.0 for g in head_obs.gradients[:-2])
 
 
-def test_rehearsal_batches_follow_the_counts_and_folds():
+def test_rehearsal_batches_follow_the_counts_and_leave_most_images_out():
     labels = torch.tensor([0] * 8 + [2] * 8 + [5] * 3)
-    folds = public_folds(labels, 4)
-    for c in (0, 2, 5):
-        assert sorted(folds[labels == c].tolist()) == sorted((torch.arange(int((labels == c).sum())) % 4).tolist())
     gen = torch.Generator().manual_seed(0)
-    batch = labels[draw_rehearsal_batch(labels, {0: 5, 2: 1, 9: 3}, gen)]  # class 9 has no public images
-    counts = np.bincount(batch.numpy(), minlength=10)
+    pick = draw_rehearsal_batch(labels, {0: 5, 2: 1, 9: 3}, gen)  # class 9 has no public images: replaced by 5
+    counts = np.bincount(labels[pick].numpy(), minlength=10)
     assert counts[0] == 5 and counts[2] == 1 and counts[5] == 3 and counts.sum() == 9
+    assert len(set(pick[labels[pick] == 0].tolist())) == 2  # a quarter of class 0's 8 images, repeated
+    assert len(set(pick[labels[pick] == 5].tolist())) == 1  # at least one image per class
 
 
 def test_the_attack_gives_public_images_the_victims_normalisation():
