@@ -42,15 +42,20 @@ import torch
 from torch import Tensor, nn
 
 from ..observation import GradientObservation, ObservationError
-from .base import LabelStrategy, classifier_gradients, loss_scale
+from .base import LabelStrategy, classifier_gradients, last_linear, loss_scale
 from .calibrated import CalibratedCounts
 from .counting import ILRG, BiasCounts
 from .evolutionary import CoarseLabelCounts, EvolutionaryLabelCounts
 from .heuristics import LLG, BiasCorrectedLabels, WainakhLabels, YinLabels
 from .idlg import IDLGLabels, SharedLabels
-from .rehearsal import rehearse
+from .rehearsal import average_counts, rehearse
 
 log = logging.getLogger("lightning_gi.labels")
+
+#: averages of two rules' counts that the rehearsal also scores (biased heads): on confident victims the calibrated
+#: system and the evolutionary search err differently, and their mean measured better than either at mid-size
+#: batches (docs/labels.md)
+BLENDS: dict[str, tuple[str, ...]] = {"calibrated+evolutionary": ("calibrated", "evolutionary")}
 
 __all__ = ["AutoLabels", "LABEL_STRATEGIES", "label_strategy", "bias_gradient_confidence"]
 
@@ -239,7 +244,8 @@ class AutoLabels(LabelStrategy):
         counts = {int(c): int(n) for c, n in zip(*torch.unique(first, return_counts=True))}
         images, labels = self.public.public_images()
         scores = rehearse(lambda measure: self._candidates(bias is not None, measure), model,
-                          self.public.victim_inputs(images), labels, counts, self.rehearsals, seed=self.seed)
+                          self.public.victim_inputs(images), labels, counts, self.rehearsals, seed=self.seed,
+                          blends=BLENDS if bias is not None else {})
         valid = {name: v for name, v in scores.items() if v is not None}
         if not valid:
             raise ValueError("no label strategy ran on the rehearsal batches of this victim")
@@ -248,14 +254,21 @@ class AutoLabels(LabelStrategy):
     def _recover_by_rehearsal(self, observation: GradientObservation, model: nn.Module) -> Tensor:
         assert self.public is not None
         name, scores = self.rehearsal_choice(observation, model)
-        strategy = self._candidates(classifier_gradients(observation, model)[1] is not None, None)[name]
+        candidates = self._candidates(classifier_gradients(observation, model)[1] is not None, None)
         reason = (f"rehearsal on public images ({self.rehearsals} batches of {observation.batch_size}): "
                   + ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} failed" for k, v in scores.items())
                   + " labels off")
-        labels = strategy(observation, model)
-        self.chosen, self.chosen_name = strategy, name
+        if name in BLENDS:  # the average of two rules' counts measured best
+            parts = {part: candidates[part](observation, model) for part in BLENDS[name]}
+            labels = average_counts(list(parts.values()), int(last_linear(model).out_features))
+            inner = {f"{part}_counts": candidates[part].diagnostics.get("counts") for part in parts}
+            self.chosen = None
+        else:
+            labels = candidates[name](observation, model)
+            inner = {k: v for k, v in candidates[name].diagnostics.items() if k != "strategy"}
+            self.chosen = candidates[name]
+        self.chosen_name = name
         log.info("label strategy 'auto' chose %s: %s", name, reason)
-        inner = {k: v for k, v in strategy.diagnostics.items() if k != "strategy"}
         self.note(chosen_strategy=name, choice_reason=reason, rehearsal_labels_off=dict(scores), **inner)
         expected = scores[name]
         if expected is not None and expected >= max(1.0, 0.05 * observation.batch_size):

@@ -14,7 +14,7 @@ costs one forward pass of the victim per rehearsal batch plus a backward pass th
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from ..client import cross_entropy, forward_keeping_buffers
 from ..observation import GradientObservation, ObservationError
 from .base import LabelStrategy, last_linear
+from .counting import counts_to_label_vector, round_counts
 
-__all__ = ["head_gradient_observation", "draw_rehearsal_batch", "labels_off", "rehearse"]
+__all__ = ["average_counts", "head_gradient_observation", "draw_rehearsal_batch", "labels_off", "rehearse"]
 
 
 def head_gradient_observation(model: nn.Module, images: Tensor, labels: Tensor) -> GradientObservation:
@@ -81,6 +82,14 @@ def labels_off(recovered: Tensor, truth: Tensor, num_classes: int) -> float:
     return float(np.abs(np.pad(a, (0, size - a.size)) - np.pad(b, (0, size - b.size))).sum() / 2)
 
 
+def average_counts(recovered: Sequence[Tensor], num_classes: int) -> Tensor:
+    """Labels whose counts are the mean of the count vectors of ``recovered`` (label vectors of one batch),
+    rounded to integers with the batch size kept (:func:`~lightning_gi.labels.counting.round_counts`)."""
+    n = int(recovered[0].numel())
+    mean = np.mean([np.bincount(r.long().cpu().numpy(), minlength=num_classes)[:num_classes] for r in recovered], axis=0)
+    return counts_to_label_vector(round_counts(mean, n))
+
+
 def rehearse(
     candidates: Callable[[Tensor], Mapping[str, LabelStrategy]],
     model: nn.Module,
@@ -89,11 +98,13 @@ def rehearse(
     counts: Mapping[int, int],
     trials: int,
     seed: int = 0,
+    blends: Mapping[str, Sequence[str]] = {},
 ) -> dict[str, Optional[float]]:
     """Mean labels off of each candidate over ``trials`` rehearsal batches with the class counts ``counts``
     (None: the candidate failed on this victim). Each trial draws a batch (:func:`draw_rehearsal_batch`) and
     scores ``candidates(measure)``: strategies that may learn only from the public images NOT in the batch
-    (``measure``: bool [M]). ``images`` are victim inputs (already normalised), ``labels`` their classes."""
+    (``measure``: bool [M]). ``blends`` (name -> candidate names) are scored too: the average of those candidates'
+    counts (:func:`average_counts`). ``images`` are victim inputs (already normalised), ``labels`` their classes."""
     num_classes = int(last_linear(model).out_features)
     gen = torch.Generator().manual_seed(int(seed))
     scores: dict[str, list[float]] = {}
@@ -103,12 +114,22 @@ def rehearse(
         measure = torch.ones(labels.shape[0], dtype=torch.bool)
         measure[pick] = False
         observation = head_gradient_observation(model, images[pick], labels[pick])
+        recovered: dict[str, Tensor] = {}
         for name, strategy in candidates(measure).items():
             scores.setdefault(name, [])
             if name in failed:
                 continue
             try:
-                scores[name].append(labels_off(strategy(observation, model), labels[pick], num_classes))
+                recovered[name] = strategy(observation, model)
             except (ObservationError, ValueError, RuntimeError):
+                failed.add(name)
+                continue
+            scores[name].append(labels_off(recovered[name], labels[pick], num_classes))
+        for name, parts in blends.items():
+            scores.setdefault(name, [])
+            if all(p in recovered for p in parts):
+                blended = average_counts([recovered[p] for p in parts], num_classes)
+                scores[name].append(labels_off(blended, labels[pick], num_classes))
+            else:
                 failed.add(name)
     return {name: (None if name in failed or not s else float(np.mean(s))) for name, s in scores.items()}

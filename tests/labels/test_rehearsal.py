@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_gi.client import ThreatModel
 from lightning_gi.labels import ILRG, LLG, AutoLabels, CalibratedCounts, label_strategy
-from lightning_gi.labels.rehearsal import draw_rehearsal_batch, head_gradient_observation, labels_off
+from lightning_gi.labels.rehearsal import average_counts, draw_rehearsal_batch, head_gradient_observation, labels_off
 from lightning_gi.observation import capture_observation
 from lightning_gi.victim import torchvision_classifier
 from lightning_gi.victim.data import BundledPhotographs, select_batch
@@ -51,7 +51,8 @@ def test_rehearsal_picks_the_calibrated_counts_on_a_confident_victim(confident_c
     got = auto(obs, model)
     d = auto.diagnostics
     assert d["chosen_strategy"] == "calibrated", d["rehearsal_labels_off"]
-    assert set(d["rehearsal_labels_off"]) == {"ilrg", "calibrated", "evolutionary", "bias-corrected", "llg"}
+    assert set(d["rehearsal_labels_off"]) == {"ilrg", "calibrated", "evolutionary", "bias-corrected", "llg",
+                                              "calibrated+evolutionary"}
     ilrg_off = _off(ILRG(refine_steps=6)(obs, model), y)
     llg_off = _off(LLG()(obs, model), y)
     assert _off(got, y) < min(ilrg_off, llg_off), (_off(got, y), ilrg_off, llg_off)  # measured 6 vs 24 and 19 of 32
@@ -149,3 +150,12 @@ def test_the_attack_gives_public_images_the_victims_normalisation():
         expected, _ = class_mean_softmax(dm.attack_inputs().model.eval(), inputs, torch.tensor(public.targets), 10)
         table, _ = calibrated.probabilities(attack.victim, 10)
         assert torch.allclose(table, expected, atol=1e-6)
+
+
+def test_average_counts_keeps_the_batch_size():
+    a = torch.tensor([0, 0, 0, 0, 2, 2])  # counts 4, 0, 2
+    b = torch.tensor([0, 0, 1, 1, 2, 2])  # counts 2, 2, 2
+    assert average_counts([a, b], 4).tolist() == [0, 0, 0, 1, 2, 2]  # mean 3, 1, 2
+    c = torch.tensor([1, 1, 1, 1, 1, 1])  # counts 0, 6, 0
+    got = average_counts([a, c], 3)  # mean 2, 3, 1: already integers
+    assert got.tolist() == [0, 0, 1, 1, 1, 2]
