@@ -26,8 +26,9 @@ without defenses, rules 1-4 give way to a REHEARSAL (:mod:`~lightning_gi.labels.
 class counts of a first estimate (:class:`CalibratedCounts`; LLG without a bias) are built from public images,
 their gradients computed on the victim, and the candidate that recovers them best is used: ILRG,
 :class:`CalibratedCounts` (measured on the public images outside the rehearsal batch), the evolutionary
-search, bias-corrected LLG and LLG (those that run on this head). Its measured error is noted (``rehearsal_labels_off``) and becomes the ``warning`` when it is 5% of the batch
-or more.
+search, bias-corrected LLG, LLG, and the average of the calibrated and evolutionary counts (:data:`BLENDS`)
+(those that run on this head). Its measured error is noted (``rehearsal_labels_off``) and becomes the
+``warning`` when it is 5% of the batch or more.
 
 The choice is kept in :attr:`AutoLabels.chosen_name` / :attr:`AutoLabels.chosen`, in
 ``diagnostics["chosen_strategy"]`` / ``diagnostics["choice_reason"]``, and logged (logger
