@@ -66,8 +66,8 @@ def public_images(
     if per_class is not None:
         gen = torch.Generator().manual_seed(seed)
         keep = torch.cat([idx[torch.randperm(idx.numel(), generator=gen)[:per_class]]
-                          for idx in (torch.nonzero(labels == c).flatten() for c in labels.unique())])
-        images, labels = images[keep.sort().values], labels[keep.sort().values]
+                          for idx in (torch.nonzero(labels == c).flatten() for c in labels.unique())]).sort().values
+        images, labels = images[keep], labels[keep]
     torch.save({"images": images, "labels": labels}, out)
     print(f"wrote {out}: {images.shape[0]} images of {labels.unique().numel()} classes, {tuple(images.shape[1:])}")
     return {"images": images, "labels": labels}

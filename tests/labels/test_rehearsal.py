@@ -1,7 +1,8 @@
 """AutoLabels with labelled public images: the label rule is chosen by rehearsal on public batches.
 
-Victims: a small CNN trained until confident on four classes of the bundled photographs (attacked, public and
-training images are disjoint crops) and an untrained ResNet-18. Every gradient comes from a real backward pass.
+Victims: a small CNN trained until confident on four classes of the bundled photographs (``confident_case`` in
+conftest.py: attacked, public and training images are disjoint crops) and an untrained ResNet-18. Every gradient
+comes from a real backward pass.
 """
 import numpy as np
 import pytest
@@ -20,28 +21,6 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 def _off(got, truth, c=20):
     return labels_off(got, truth, c)
-
-
-@pytest.fixture(scope="module")
-def confident_case():
-    data = BundledPhotographs(image_size=16, crops_per_photo=30)
-    keep = [i for i, t in enumerate(data.targets) if t < 4]
-    images = data.images[keep]
-    labels = torch.tensor([data.targets[i] for i in keep]) * 5  # classes 0, 5, 10, 15 of a 20-class head
-    split = torch.arange(len(keep)) % 3
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 20))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(150):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(images[split == 0]), labels[split == 0]).backward()
-        opt.step()
-    model.eval()
-    attack_x, attack_y = images[split == 2], labels[split == 2]
-    gen = torch.Generator().manual_seed(3)
-    pick = torch.cat([torch.nonzero(attack_y == c).flatten()[torch.randperm(10, generator=gen)[:k]]
-                      for c, k in zip((0, 5, 10, 15), (9, 3, 12, 8))])
-    return model, attack_x[pick], attack_y[pick], images[split == 1], labels[split == 1]
 
 
 def test_rehearsal_picks_the_calibrated_counts_on_a_confident_victim(confident_case):
